@@ -1,0 +1,217 @@
+"""Architecture adapters: one class per model family behind one interface (as TransformerLens does).
+
+The rest of the toolkit never touches `model.model.language_model` and friends directly; it asks the
+adapter. Supporting a new family (LLaVA-NeXT, Qwen2-VL, ...) means writing one adapter and
+registering it with `@register_adapter`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from mllm.errors import UnsupportedModelError
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make `cls` the adapter for each of its `model_types`."""
+    for model_type in cls.model_types:
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(sorted(_ADAPTERS))
+
+
+def adapter_class_for(config: PretrainedConfig, source: str = "config.json") -> type[ModelAdapter]:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _ADAPTERS:
+        raise UnsupportedModelError(
+            f"{source}: field 'model_type' is {model_type!r}, which this toolkit has no adapter for; "
+            f"supported: {', '.join(supported_model_types())}"
+        )
+    return _ADAPTERS[model_type]
+
+
+class ModelAdapter:
+    """How the toolkit reaches into one multimodal architecture. Subclasses fill in every member."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_class: ClassVar[type[PreTrainedModel]]
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig, source: str) -> None:
+        """Raise `UnsupportedModelError` for settings the adapter cannot honour."""
+
+    # --- parts of the model -------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the visual tokens of one image, in raster order."""
+        raise NotImplementedError
+
+    @property
+    def num_visual_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(token_ids)
+
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    # --- computations -------------------------------------------------------------------------
+    def image_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Projected visual tokens (B, N, D_llm) and, on request, every vision-tower hidden state."""
+        raise NotImplementedError
+
+    def vision_attention(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Attention weights (B, H, T, T) of vision layer `layer`, recomputed from its input."""
+        raise NotImplementedError
+
+    def llm_attention(
+        self,
+        layer: int,
+        normed_hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        queries: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention weights (B, H, Q, L) of LLM layer `layer` for the query rows `queries` only."""
+        raise NotImplementedError
+
+
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5 as `LlavaForConditionalGeneration`: CLIP ViT + MLP projector + Llama-style LLM."""
+
+    model_types = ("llava",)
+    model_class = LlavaForConditionalGeneration
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig, source: str) -> None:
+        strategy = getattr(config, "vision_feature_select_strategy", "default")
+        if strategy != "default":
+            raise UnsupportedModelError(
+                f"{source}: field 'vision_feature_select_strategy' is {strategy!r}; the toolkit needs "
+                "'default' (patch tokens only, CLS dropped) so that visual tokens form a grid"
+            )
+        if not isinstance(getattr(config, "vision_feature_layer", -2), int):
+            raise UnsupportedModelError(f"{source}: field 'vision_feature_layer' must be a single layer index")
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.vision_model.encoder.layers
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def image_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        outputs = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        features = torch.stack(list(outputs.pooler_output))
+        return features, (tuple(outputs.hidden_states) if output_hidden_states else None)
+
+    def vision_attention(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        encoder_layer = self.vision_layers[layer]
+        attention = encoder_layer.self_attn
+        normed = encoder_layer.layer_norm1(hidden_states)
+        batch, length, _ = normed.shape
+        shape = (batch, length, attention.num_heads, attention.head_dim)
+        queries = attention.q_proj(normed).view(shape).transpose(1, 2)
+        keys = attention.k_proj(normed).view(shape).transpose(1, 2)
+        scores = queries.float() @ keys.float().transpose(-1, -2) * attention.scale
+        return scores.softmax(dim=-1)
+
+    def llm_attention(
+        self,
+        layer: int,
+        normed_hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        queries: torch.Tensor,
+    ) -> torch.Tensor:
+        attention = self.decoder_layers[layer].self_attn
+        batch, length, _ = normed_hidden.shape
+        head_dim = attention.head_dim
+        cos, sin = (part.expand(batch, -1, -1) for part in position_embeddings)
+        rows = torch.arange(batch, device=normed_hidden.device)[:, None]
+        query_hidden = normed_hidden[rows, queries]
+        q = attention.q_proj(query_hidden).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
+        k = attention.k_proj(normed_hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[rows, queries], sin[rows, queries])
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        k = repeat_kv(k, attention.num_key_value_groups)
+        scores = q.float() @ k.float().transpose(-1, -2) * attention.scaling
+        scores = scores.masked_fill(~_allowed(attention_mask, queries, length), float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+def _allowed(attention_mask: torch.Tensor | None, queries: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean (B, 1, Q, L): which keys each query row may attend to, from the layer's 4-D mask."""
+    if attention_mask is None:  # SDPA's causal shortcut: no padding, plain causal
+        keys = torch.arange(length, device=queries.device)
+        return (keys[None, None, None, :] <= queries[:, None, :, None])
+    rows = torch.arange(queries.shape[0], device=queries.device)[:, None]
+    mask = attention_mask[:, 0].expand(queries.shape[0], -1, -1)[rows, queries][:, None]
+    return mask if mask.dtype == torch.bool else mask == 0

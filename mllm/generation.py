@@ -1,0 +1,191 @@
+"""Run the LLM on chosen visual tokens with chosen position IDs, then decode greedily with a KV cache.
+
+The prompt fed to the LLM is `prefix | kept visual tokens (in the given order) | suffix` for each
+row, numbered by `mllm.positions`; rows are left-padded into one batch. The attention mask is always
+explicit: position IDs with gaps and no mask would be read by transformers as packed sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from mllm.encoding import Encoding
+from mllm.errors import KeepSetError
+from mllm.layer_pruning import LayerPruning, layer_pruning_hooks
+from mllm.positions import PositionPolicy, sequence_position_ids, validate_kept
+
+if TYPE_CHECKING:
+    from mllm.loading import MLLM
+
+KeepSpec = torch.Tensor | Sequence[torch.Tensor | Sequence[int]] | None
+
+
+@dataclass
+class PromptBatch:
+    """The left-padded LLM input after pre-LLM pruning."""
+
+    inputs_embeds: torch.Tensor  # (B, L', D)
+    attention_mask: torch.Tensor  # (B, L')
+    position_ids: torch.Tensor  # (B, L'); padding gets 1
+    kept: list[torch.Tensor]  # per row: kept visual indices (0..N-1) in the order fed
+    visual_index: list[torch.Tensor]  # per row: sequence positions of those tokens in the batch
+
+
+@dataclass
+class Generation:
+    """Greedy decoding output, one entry per row."""
+
+    token_ids: list[list[int]]  # generated tokens, EOS included when reached
+    texts: list[str]  # decoded, special tokens skipped, cut before the first stop string
+    kept: list[torch.Tensor]  # visual tokens (original indices) the last LLM layer saw, in order
+    position_ids: list[torch.Tensor]  # prompt position IDs fed to the first LLM layer
+    prefill_logits: torch.Tensor | None = None  # (B, L', V) when requested
+    prefill_mask: torch.Tensor | None = None  # (B, L') the mask of those logits' rows
+    step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
+
+
+def _keep_per_row(keep: KeepSpec, batch: int, num_visual: int) -> list[torch.Tensor]:
+    if keep is None:
+        return [torch.arange(num_visual)] * batch
+    rows = list(keep) if not isinstance(keep, torch.Tensor) or keep.ndim == 2 else None
+    if rows is None or len(rows) != batch:
+        shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else len(keep)
+        raise KeepSetError(f"keep must give one keep set per prompt ({batch}), got {shape}")
+    return [validate_kept(torch.as_tensor(row).cpu(), num_visual) for row in rows]
+
+
+def build_prompt_batch(
+    mllm: MLLM, encoding: Encoding, keep: KeepSpec = None, policy: PositionPolicy | str = "keep"
+) -> PromptBatch:
+    """Select and order each row's visual tokens, number the sequence under `policy`, left-pad."""
+    policy = PositionPolicy.parse(policy)
+    kept_rows = _keep_per_row(keep, encoding.batch_size, encoding.num_visual)
+    embeds = encoding.inputs_embeds
+    rows, positions = [], []
+    for row, kept in enumerate(kept_rows):
+        padding, prefix, suffix = encoding.layout(row)
+        start = int(encoding.visual_start[row])
+        visual = embeds[row, start + kept.to(embeds.device)]
+        rows.append(torch.cat([embeds[row, padding:start], visual, embeds[row, start + encoding.num_visual:]]))
+        positions.append(sequence_position_ids(kept, prefix, encoding.num_visual, suffix, policy))
+
+    length = max(len(row) for row in rows)
+    pad_id = mllm.tokenizer.pad_token_id
+    pad_embed = mllm.adapter.embed_tokens(torch.tensor([pad_id or 0], device=embeds.device))[0]
+    batch_embeds = pad_embed.expand(len(rows), length, -1).clone()
+    mask = torch.zeros(len(rows), length, dtype=encoding.attention_mask.dtype, device=embeds.device)
+    position_ids = torch.ones(len(rows), length, dtype=torch.long, device=embeds.device)
+    visual_index = []
+    for row, (sequence, ids, kept) in enumerate(zip(rows, positions, kept_rows)):
+        padding = length - len(sequence)
+        batch_embeds[row, padding:] = sequence
+        mask[row, padding:] = 1
+        position_ids[row, padding:] = ids.to(embeds.device)
+        prefix = encoding.layout(row)[1]
+        visual_index.append(padding + prefix + torch.arange(len(kept)))
+    return PromptBatch(batch_embeds, mask, position_ids, kept_rows, visual_index)
+
+
+def _eos_ids(mllm: MLLM) -> set[int]:
+    eos = mllm.model.generation_config.eos_token_id
+    if eos is None:
+        eos = mllm.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    hits = [text.index(s) for s in stop if s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+@torch.no_grad()
+def generate(
+    mllm: MLLM,
+    encoding: Encoding,
+    *,
+    keep: KeepSpec = None,
+    policy: PositionPolicy | str = "keep",
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    layer_pruning: LayerPruning | None = None,
+    output_logits: bool = False,
+) -> Generation:
+    """Greedy generation on the kept visual tokens of each row.
+
+    `keep`: per row, indices (0..N-1) of the visual tokens to feed, in the order to feed them;
+    None keeps all in raster order. `policy`: how the fed tokens are numbered (see
+    `mllm.positions`). `layer_pruning`: drop more tokens inside the LLM (see `mllm.layer_pruning`).
+    """
+    prompt = build_prompt_batch(mllm, encoding, keep, policy)
+    adapter = mllm.adapter
+    batch = prompt.inputs_embeds.shape[0]
+    device = prompt.inputs_embeds.device
+    eos_ids = _eos_ids(mllm)
+    pad_id = mllm.tokenizer.pad_token_id or 0
+
+    hooks = None
+    if layer_pruning is not None:
+        counts = {len(kept) for kept in prompt.kept}
+        if len(counts) != 1:
+            raise KeepSetError(f"in-LLM pruning needs every row to enter the LLM with the same number of "
+                               f"visual tokens; got {sorted(counts)}: run such rows in separate calls")
+        hooks = layer_pruning_hooks(layer_pruning, adapter, prompt.attention_mask, prompt.position_ids,
+                                    torch.stack(prompt.visual_index).to(device))
+
+    mask = prompt.attention_mask
+    next_position = prompt.position_ids[:, -1] + 1
+    generated = torch.empty(batch, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = [max_new_tokens] * batch
+    step_logits = []
+    with hooks if hooks is not None else _no_hooks() as state:
+        out = adapter.language_model(inputs_embeds=prompt.inputs_embeds, attention_mask=mask,
+                                     position_ids=prompt.position_ids, use_cache=True)
+        cache = out.past_key_values
+        hidden = out.last_hidden_state
+        prefill_logits = adapter.lm_head(hidden) if output_logits else None
+        logits = prefill_logits[:, -1] if output_logits else adapter.lm_head(hidden[:, -1])
+        for step in range(max_new_tokens):
+            if output_logits:
+                step_logits.append(logits.float())
+            token = logits.float().argmax(dim=-1).masked_fill(finished, pad_id)
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            for row in (~finished).nonzero().flatten().tolist():
+                text = mllm.tokenizer.decode(generated[row, : step + 1], skip_special_tokens=True)
+                if int(token[row]) in eos_ids or _cut_at_stop(text, stop)[1]:
+                    finished[row] = True
+                    lengths[row] = step + 1
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = adapter.language_model(
+                inputs_embeds=adapter.embed_tokens(token[:, None]), attention_mask=mask,
+                position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
+            logits = adapter.lm_head(out.last_hidden_state[:, -1])
+
+    kept = prompt.kept
+    if state is not None:
+        kept = [row_kept[state.kept_visual[row].cpu()] for row, row_kept in enumerate(prompt.kept)]
+    token_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
+    texts = [_cut_at_stop(mllm.tokenizer.decode(ids, skip_special_tokens=True), stop)[0] for ids in token_ids]
+    return Generation(
+        token_ids=token_ids,
+        texts=texts,
+        kept=kept,
+        position_ids=[prompt.position_ids[row][prompt.attention_mask[row] == 1].cpu() for row in range(batch)],
+        prefill_logits=prefill_logits,
+        prefill_mask=prompt.attention_mask if output_logits else None,
+        step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
+    )
+
+
+class _no_hooks:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,95 @@
+"""Image loading and the coordinate frame: how the model's normalised 0-1 box coordinates map to pixels.
+
+LLaVA-1.5 was trained on images padded to a square with the CLIP mean colour (``padded``), so its
+box answers are fractions of that square. ``original`` squashes the image to a square, so fractions
+are of the image itself; ``cropped`` leaves the processor's resize + centre crop (llava-hf's default),
+which cuts off the sides of non-square images. This module is the one place that knows the mapping.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+from PIL import Image, UnidentifiedImageError
+
+from mllm.errors import ImageLoadError
+
+FrameKind = Literal["padded", "original", "cropped"]
+FRAME_KINDS: tuple[str, ...] = ("padded", "original", "cropped")
+ImageInput = Union[Image.Image, str, Path, bytes]
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Open an image as RGB from a PIL image, a path, or encoded bytes; raise `ImageLoadError` if unreadable."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        if isinstance(source, bytes):
+            image = Image.open(io.BytesIO(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ImageLoadError(f"image file not found: {path}")
+            image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        raise ImageLoadError(f"cannot decode image {name}: {error}") from error
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageFrame:
+    """Maps normalised model coordinates (u, v in 0-1) to pixels: x = u * scale_x + offset_x."""
+
+    kind: FrameKind
+    width: int
+    height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    @classmethod
+    def for_image(cls, kind: FrameKind, width: int, height: int) -> ImageFrame:
+        if kind == "padded":
+            side = max(width, height)
+            # Same integer paste offsets as LLaVA's expand2square.
+            return cls(kind, width, height, side, side, -((side - width) // 2), -((side - height) // 2))
+        if kind == "original":
+            return cls(kind, width, height, width, height, 0.0, 0.0)
+        if kind == "cropped":
+            side = min(width, height)
+            return cls(kind, width, height, side, side, (width - side) / 2, (height - side) / 2)
+        raise ValueError(f"unknown coordinate frame {kind!r}; choose one of {FRAME_KINDS}")
+
+    def to_pixels(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """Normalised [x1, y1, x2, y2] in this frame -> pixel [x1, y1, x2, y2] in the original image."""
+        x1, y1, x2, y2 = box
+        return (x1 * self.scale_x + self.offset_x, y1 * self.scale_y + self.offset_y,
+                x2 * self.scale_x + self.offset_x, y2 * self.scale_y + self.offset_y)
+
+    def to_normalized(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """Pixel [x1, y1, x2, y2] in the original image -> normalised [x1, y1, x2, y2] in this frame."""
+        x1, y1, x2, y2 = box
+        return ((x1 - self.offset_x) / self.scale_x, (y1 - self.offset_y) / self.scale_y,
+                (x2 - self.offset_x) / self.scale_x, (y2 - self.offset_y) / self.scale_y)
+
+
+def to_model_square(
+    image: Image.Image, kind: FrameKind, side: int, background: tuple[int, int, int]
+) -> tuple[Image.Image, ImageFrame]:
+    """Turn `image` into what the processor should see under frame `kind`, and return its frame."""
+    frame = ImageFrame.for_image(kind, image.width, image.height)
+    if kind == "padded" and image.width != image.height:
+        square = Image.new("RGB", (max(image.size),) * 2, background)
+        square.paste(image, (-int(frame.offset_x), -int(frame.offset_y)))
+        return square, frame
+    if kind == "original" and image.size != (side, side):
+        return image.resize((side, side), Image.Resampling.BICUBIC), frame
+    return image, frame

@@ -1,0 +1,127 @@
+"""Load a multimodal checkpoint from a local directory (or the local Hugging Face cache), offline."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from mllm.adapters import ModelAdapter, adapter_class_for
+from mllm.errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    from mllm.encoding import Encoding
+    from mllm.generation import Generation
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def _checkpoint_directory(path_or_name: str | os.PathLike) -> Path:
+    """A local directory, or a model name already in the local Hugging Face cache."""
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointNotFoundError(f"{path / 'config.json'}: not found; {path} is not a checkpoint "
+                                          "directory (expected config.json, weights, tokenizer, processor)")
+        return path
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 (only needed for cached names)
+
+    try:
+        return Path(snapshot_download(str(path_or_name), local_files_only=True))
+    except Exception as error:  # noqa: BLE001 (any failure here means "not available offline")
+        raise CheckpointNotFoundError(
+            f"checkpoint not found: {path_or_name} is not a directory and is not in the local "
+            "Hugging Face cache (the toolkit never downloads; copy the checkpoint to disk)"
+        ) from error
+
+
+@dataclass
+class MLLM:
+    """A loaded multimodal LLM: the transformers model (never modified), its processor and adapter."""
+
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    adapter: ModelAdapter
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.adapter.grid
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.adapter.num_visual_tokens
+
+    def prompt(self, text: str) -> str:
+        from mllm.prompts import build_prompt  # noqa: PLC0415
+
+        return build_prompt(self.processor, text)
+
+    def encode(self, images: Any, texts: Any, **options: Any) -> Encoding:
+        from mllm.encoding import encode  # noqa: PLC0415
+
+        return encode(self, images, texts, **options)
+
+    def generate(self, encoding: Encoding, **options: Any) -> Generation:
+        from mllm.generation import generate  # noqa: PLC0415
+
+        return generate(self, encoding, **options)
+
+
+def load(
+    path_or_name: str | os.PathLike,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    attn_implementation: str = "sdpa",
+) -> MLLM:
+    """Load a checkpoint offline. Raises `CheckpointNotFoundError` or `UnsupportedModelError`."""
+    directory = _checkpoint_directory(path_or_name)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    adapter_class = adapter_class_for(config, source=str(directory / "config.json"))
+    adapter_class.check_config(config, source=str(directory / "config.json"))
+    target = resolve_device(device)
+    model = adapter_class.model_class.from_pretrained(
+        directory,
+        config=config,
+        dtype=resolve_dtype(dtype, target),
+        attn_implementation=attn_implementation,
+        local_files_only=True,
+    )
+    model = model.to(target).eval()
+    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
+    processor.tokenizer.padding_side = "left"  # batched generation pads on the left
+    return MLLM(model=model, processor=processor, adapter=adapter_class(model), path=directory)

@@ -1,0 +1,162 @@
+"""Tiny random LLaVA checkpoints, built offline from config, in the llava-hf directory layout.
+
+They exercise every code path of the toolkit in seconds on a CPU: the directory they write is read by
+`mllm.load` exactly like a downloaded `llava-hf/llava-1.5-7b-hf` (config, safetensors weights,
+tokenizer, image processor, chat template). The tokenizer is character-level, so any ASCII text
+(prompts, box coordinates) round-trips without a trained vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# The chat template shipped with llava-hf/llava-1.5-*-hf: "USER: <image>\n{text} ASSISTANT:".
+LLAVA15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+IMAGE_TOKEN = "<image>"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TinyLlavaConfig:
+    """Sizes of a tiny LLaVA-1.5: CLIP ViT (learned absolute positions) + MLP projector + Llama (RoPE)."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    vision_feature_layer: int = -2
+    seed: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+
+def build_char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII and newline, with Llama's special tokens.
+
+    Like Llama's tokenizer it prepends `<s>`, and `<image>` is a special token that is never split.
+    """
+    chars = [chr(code) for code in range(32, 127)] + ["\n"]
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def tiny_llava_config(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=4 * sizes.vision_hidden,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
+        image_size=sizes.image_size,
+        patch_size=sizes.patch_size,
+        projection_dim=sizes.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=sizes.text_hidden,
+        intermediate_size=4 * sizes.text_hidden,
+        num_hidden_layers=sizes.text_layers,
+        num_attention_heads=sizes.text_heads,
+        num_key_value_heads=sizes.text_kv_heads,
+        max_position_embeddings=sizes.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=sizes.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=sizes.grid[0] * sizes.grid[1],
+    )
+
+
+def build_processor(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": sizes.image_size},
+        crop_size={"height": sizes.image_size, "width": sizes.image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=sizes.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA15_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+
+
+def save_llava_checkpoint(
+    model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path
+) -> Path:
+    """Write `model` and `processor` in the llava-hf layout that `mllm.load` reads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_llava(directory: str | Path, sizes: TinyLlavaConfig | None = None) -> Path:
+    """Build a randomly initialised tiny LLaVA-1.5 and save it as a local checkpoint directory."""
+    sizes = sizes or TinyLlavaConfig()
+    tokenizer = build_char_tokenizer()
+    config = tiny_llava_config(sizes, tokenizer)
+    torch.manual_seed(sizes.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return save_llava_checkpoint(model, build_processor(sizes, tokenizer), directory)

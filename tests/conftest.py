@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny random LLaVA checkpoint on disk, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mllm
+from mllm.tiny import TinyLlavaConfig, build_tiny_llava
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), TinyLlavaConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint) -> mllm.MLLM:
+    return mllm.load(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_eager(tiny_checkpoint) -> mllm.MLLM:
+    return mllm.load(tiny_checkpoint, device="cpu", dtype="float32", attn_implementation="eager")
+
+
+def random_image(seed: int, height: int = 32, width: int = 32) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    """Four images of different shapes (so the frame matters)."""
+    return [random_image(seed, 32 + 4 * seed, 32 + 2 * (3 - seed)) for seed in range(4)]
+
+
+PROMPTS = ["hi", "what is this thing?", "a", "where is the red circle left of the cross?"]
