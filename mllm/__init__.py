@@ -12,9 +12,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mllm.adapters import ModelAdapter, register_adapter, supported_model_types  # noqa: E402
-from mllm.encoding import Encoding, encode  # noqa: E402
-from mllm.errors import (  # noqa: E402
+from mllm.adapters import ModelAdapter, register_adapter, supported_model_types
+from mllm.encoding import Encoding, encode
+from mllm.errors import (
     CheckpointNotFoundError,
     ImageLoadError,
     KeepSetError,
@@ -22,12 +22,12 @@ from mllm.errors import (  # noqa: E402
     PromptError,
     UnsupportedModelError,
 )
-from mllm.generation import Generation, PromptBatch, build_prompt_batch, generate  # noqa: E402
-from mllm.images import ImageFrame, load_image  # noqa: E402
-from mllm.layer_pruning import LayerContext, LayerPruning  # noqa: E402
-from mllm.loading import MLLM, load  # noqa: E402
-from mllm.positions import PositionPolicy, next_position_id, sequence_position_ids  # noqa: E402
-from mllm.prompts import build_prompt  # noqa: E402
+from mllm.generation import Generation, PromptBatch, build_prompt_batch, generate
+from mllm.images import ImageFrame, load_image
+from mllm.layer_pruning import LayerContext, LayerPruning
+from mllm.loading import MLLM, load
+from mllm.positions import PositionPolicy, next_position_id, sequence_position_ids
+from mllm.prompts import build_prompt
 
 __all__ = [
     "MLLM", "CheckpointNotFoundError", "Encoding", "Generation", "ImageFrame", "ImageLoadError",

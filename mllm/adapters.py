@@ -153,7 +153,9 @@ class LlavaAdapter(ModelAdapter):
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        return self.vision_tower.vision_model.encoder.layers
+        tower = self.vision_tower
+        # transformers < 5.x nests the encoder under `vision_model`; later versions flatten it.
+        return getattr(tower, "vision_model", tower).encoder.layers
 
     @property
     def image_token_id(self) -> int:
@@ -168,7 +170,8 @@ class LlavaAdapter(ModelAdapter):
     def image_features(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        outputs = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        options = {"output_hidden_states": True} if output_hidden_states else {}
+        outputs = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **options)
         features = torch.stack(list(outputs.pooler_output))
         return features, (tuple(outputs.hidden_states) if output_hidden_states else None)
 

@@ -43,8 +43,8 @@ class Generation:
     texts: list[str]  # decoded, special tokens skipped, cut before the first stop string
     kept: list[torch.Tensor]  # visual tokens (original indices) the last LLM layer saw, in order
     position_ids: list[torch.Tensor]  # prompt position IDs fed to the first LLM layer
-    prefill_logits: torch.Tensor | None = None  # (B, L', V) when requested
-    prefill_mask: torch.Tensor | None = None  # (B, L') the mask of those logits' rows
+    prefill_logits: torch.Tensor | None = None  # (B, L', V) when requested; in-LLM pruning: kept rows only
+    prefill_mask: torch.Tensor | None = None  # (B, L') which rows of prefill_logits are real tokens
     step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
 
 
@@ -167,9 +167,10 @@ def generate(
                 position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
             logits = adapter.lm_head(out.last_hidden_state[:, -1])
 
-    kept = prompt.kept
+    kept, logits_mask = prompt.kept, prompt.attention_mask
     if state is not None:
         kept = [row_kept[state.kept_visual[row].cpu()] for row, row_kept in enumerate(prompt.kept)]
+        logits_mask = prompt.attention_mask.gather(1, state.sequence_keep)
     token_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     texts = [_cut_at_stop(mllm.tokenizer.decode(ids, skip_special_tokens=True), stop)[0] for ids in token_ids]
     return Generation(
@@ -178,7 +179,7 @@ def generate(
         kept=kept,
         position_ids=[prompt.position_ids[row][prompt.attention_mask[row] == 1].cpu() for row in range(batch)],
         prefill_logits=prefill_logits,
-        prefill_mask=prompt.attention_mask if output_logits else None,
+        prefill_mask=logits_mask if output_logits else None,
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
     )
 

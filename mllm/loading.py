@@ -5,17 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from mllm.adapters import ModelAdapter, adapter_class_for
+from mllm.encoding import Encoding, encode
 from mllm.errors import CheckpointNotFoundError
-
-if TYPE_CHECKING:
-    from mllm.encoding import Encoding
-    from mllm.generation import Generation
+from mllm.generation import Generation, generate
+from mllm.prompts import build_prompt
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -46,11 +45,11 @@ def _checkpoint_directory(path_or_name: str | os.PathLike) -> Path:
             raise CheckpointNotFoundError(f"{path / 'config.json'}: not found; {path} is not a checkpoint "
                                           "directory (expected config.json, weights, tokenizer, processor)")
         return path
-    from huggingface_hub import snapshot_download  # noqa: PLC0415 (only needed for cached names)
+    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(path_or_name), local_files_only=True))
-    except Exception as error:  # noqa: BLE001 (any failure here means "not available offline")
+    except Exception as error:
         raise CheckpointNotFoundError(
             f"checkpoint not found: {path_or_name} is not a directory and is not in the local "
             "Hugging Face cache (the toolkit never downloads; copy the checkpoint to disk)"
@@ -87,18 +86,15 @@ class MLLM:
         return self.adapter.num_visual_tokens
 
     def prompt(self, text: str) -> str:
-        from mllm.prompts import build_prompt  # noqa: PLC0415
-
+        """The model's prompt for one user message about one image."""
         return build_prompt(self.processor, text)
 
     def encode(self, images: Any, texts: Any, **options: Any) -> Encoding:
-        from mllm.encoding import encode  # noqa: PLC0415
-
+        """`mllm.encode(self, ...)`."""
         return encode(self, images, texts, **options)
 
     def generate(self, encoding: Encoding, **options: Any) -> Generation:
-        from mllm.generation import generate  # noqa: PLC0415
-
+        """`mllm.generate(self, ...)`."""
         return generate(self, encoding, **options)
 
 

@@ -11,8 +11,10 @@ and in which order (indices 0..N-1 into the original visual tokens). The policie
 - ``shift``: like ``keep``, then visual IDs move by ``offset``; with ``start`` only the visual tokens
   whose original index is >= ``start`` move (the "pruning-style" shift of the tokens after a span).
 
-Text IDs are never changed by ``permute`` or ``shift``. Decoding continues from the ID of the last
-prompt token + 1 (`next_position_id`).
+Text IDs are never changed by ``permute`` or ``shift``; a shift may make visual IDs overlap text IDs
+or go below the prefix, which is the point of the ablation. Decoding continues from the ID of the
+last prompt token + 1 (`next_position_id`); LLaVA prompts end in text ("ASSISTANT:"), whose ID is
+then the largest under ``keep`` and ``reassign``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ class PositionPolicy:
             if not sep or name not in types or name == "kind":
                 raise ValueError(f"bad field {item!r} in position policy {spec!r}; fields: "
                                  f"offset, start, fraction, window, seed")
-            values[name] = float(raw) if name == "fraction" else int(raw)
+            try:
+                values[name] = float(raw) if name == "fraction" else int(raw)
+            except ValueError:
+                raise ValueError(f"position policy {spec!r}: field {name!r} needs a number, got {raw!r}") from None
         return cls(kind=kind, **values)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
@@ -75,10 +80,10 @@ def validate_kept(kept: torch.Tensor, num_visual: int) -> torch.Tensor:
     kept = torch.as_tensor(kept)
     if kept.ndim != 1:
         raise KeepSetError(f"a keep set must be 1-D visual-token indices, got shape {tuple(kept.shape)}")
-    if kept.dtype.is_floating_point or kept.dtype == torch.bool:
-        raise KeepSetError(f"a keep set must hold integer indices, got dtype {kept.dtype}")
     if kept.numel() == 0:
         raise KeepSetError("the keep set is empty: at least one visual token must be kept")
+    if kept.dtype.is_floating_point or kept.dtype == torch.bool:
+        raise KeepSetError(f"a keep set must hold integer indices, got dtype {kept.dtype}")
     low, high = int(kept.min()), int(kept.max())
     if low < 0 or high >= num_visual:
         raise KeepSetError(f"keep set index out of range: indices span [{low}, {high}] but the image "

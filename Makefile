@@ -1,0 +1,24 @@
+# The two commands of README: `make results` (set up, then run the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup results test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV)
+	touch $@
+
+# The main job: everything that has landed so far, on models built or shipped here.
+results: setup
+	$(PY) -m mllm.selfcheck --out results/selfcheck
+
+test: setup
+	$(PY) -m pytest
+	$(VENV)/bin/ruff check .
+
+lint: setup
+	$(VENV)/bin/ruff check .

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install the toolkit, never letting pip fetch a second torch.
+#
+# Where python3 already has torch (a GPU machine with its CUDA build), the venv sees the system
+# packages and keeps that torch. Elsewhere torch==2.13.0 is installed first (on this project's
+# machines pip finds a local CPU wheel). Either way pip is then pinned to the torch now installed,
+# so no dependency can pull the multi-gigabyte CUDA build.
+set -euo pipefail
+venv=${1:-.venv}
+python=${PYTHON:-python3}
+
+if [ ! -x "$venv/bin/python" ]; then
+  if "$python" -c "import torch" 2>/dev/null; then
+    "$python" -m venv --system-site-packages "$venv"
+  else
+    "$python" -m venv "$venv"
+  fi
+fi
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  "$venv/bin/python" -m pip install -q torch==2.13.0
+fi
+"$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$venv/torch-constraint.txt"
+"$venv/bin/python" -m pip install -q -c "$venv/torch-constraint.txt" -e ".[dev]"
+if "$venv/bin/python" -c "import torchvision" 2>/dev/null && ! "$python" -c "import torchvision" 2>/dev/null; then
+  echo "setup: torchvision was installed into $venv; the toolkit must never pull it in" >&2
+  exit 1
+fi
+echo "setup: $(cat "$venv/torch-constraint.txt") in $venv"

@@ -1,0 +1,148 @@
+"""Pruning inside the LLM (FastV-style hook point) on a tiny random LLaVA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS
+from test_generation import random_keep
+
+import mllm
+
+
+def fixed(keep: torch.Tensor):
+    return lambda context: keep
+
+
+def last_token_topk(count: int):
+    """FastV's rule: the last token's mean attention (layer K-1) to each visual token."""
+
+    def select(context: mllm.LayerContext) -> torch.Tensor:
+        scores = context.attention().mean(dim=1)[:, 0]
+        return scores.gather(1, context.visual_index).topk(count, dim=1).indices
+
+    return select
+
+
+@pytest.mark.parametrize("model_name", ["tiny_model", "tiny_model_eager"])
+@pytest.mark.parametrize("policy", ["keep", "reassign"])
+def test_layer_zero_equals_pruning_before_the_llm(request, images, model_name, policy):
+    model = request.getfixturevalue(model_name)
+    encoding = model.encode(images, PROMPTS)  # prompts of different lengths: left padding in play
+    keep = random_keep(4, encoding.num_visual, 8).sort(dim=1).values
+    before = model.generate(encoding, keep=keep, policy=policy, max_new_tokens=8, output_logits=True)
+    inside = model.generate(encoding, layer_pruning=mllm.LayerPruning(0, fixed(keep), policy=policy),
+                            max_new_tokens=8, output_logits=True)
+    assert inside.token_ids == before.token_ids
+    torch.testing.assert_close(inside.step_logits, before.step_logits, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(inside.kept, before.kept))
+
+
+def manual_reference(model: mllm.MLLM, encoding: mllm.Encoding, layer: int, kept: torch.Tensor,
+                     policy: str = "keep") -> torch.Tensor:
+    """Logits of the kept tokens, run by hand: full sequence up to `layer`, then only the kept tokens with
+    their original rotary positions ('keep') or renumbered ones, under a hand-built causal mask."""
+    lm = model.adapter.language_model
+    embeds = encoding.inputs_embeds
+    positions = encoding.position_ids
+    hidden = lm(inputs_embeds=embeds, attention_mask=encoding.attention_mask, position_ids=positions,
+                output_hidden_states=True).hidden_states[layer]
+    start = int(encoding.visual_start[0])
+    index = torch.cat([torch.arange(start), start + kept, torch.arange(start + encoding.num_visual, embeds.shape[1])])
+    hidden = hidden[:, index]
+    positions = positions[:, index] if policy == "keep" else torch.arange(len(index))[None]
+    length = len(index)
+    causal = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+    rotary = lm.rotary_emb(hidden, position_ids=positions)
+    for decoder_layer in lm.layers[layer:]:
+        hidden = decoder_layer(hidden, attention_mask=causal, position_embeddings=rotary, position_ids=positions)
+    return model.adapter.lm_head(lm.norm(hidden))[0]
+
+
+@pytest.mark.parametrize("policy", ["keep", "reassign"])
+def test_in_llm_pruning_against_eager_reference(tiny_model_eager, images, policy):
+    model = tiny_model_eager
+    encoding = model.encode(images[3], PROMPTS[3])
+    layer = 2
+    out = model.generate(encoding, layer_pruning=mllm.LayerPruning(layer, last_token_topk(6), policy=policy),
+                         max_new_tokens=1, output_logits=True)
+    kept = out.kept[0]
+    assert len(kept) == 6 and torch.equal(kept, kept.sort().values)
+    reference = manual_reference(model, encoding, layer, kept, policy)
+    assert out.prefill_logits.shape[1] == reference.shape[0] == encoding.input_ids.shape[1] - 10
+    torch.testing.assert_close(out.prefill_logits[0], reference, atol=1e-5, rtol=1e-5)
+    other = manual_reference(model, encoding, layer, kept, "reassign" if policy == "keep" else "keep")
+    assert (out.prefill_logits[0] - other).abs().max() > 1e-3
+
+
+def test_recomputed_llm_attention_equals_eager_attention(tiny_model_eager, images):
+    model = tiny_model_eager
+    encoding = model.encode(images, PROMPTS)
+    captured = {}
+
+    def select(context: mllm.LayerContext) -> torch.Tensor:
+        captured["attention"] = context.attention()
+        captured["all_rows"] = context.attention(torch.arange(context.attention_mask.shape[1]).expand(4, -1))
+        return torch.arange(4).expand(4, -1)
+
+    model.generate(encoding, layer_pruning=mllm.LayerPruning(2, select), max_new_tokens=1)
+    eager = model.adapter.language_model(inputs_embeds=encoding.inputs_embeds, attention_mask=encoding.attention_mask,
+                                         position_ids=encoding.position_ids, output_attentions=True).attentions[1]
+    torch.testing.assert_close(captured["attention"], eager[:, :, -1:].float(), atol=1e-5, rtol=1e-5)
+    real = encoding.attention_mask.bool()
+    rows = real[:, None, :, None].expand_as(eager)  # padded query rows are undefined in both
+    torch.testing.assert_close(captured["all_rows"][rows], eager[rows].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_recomputed_vision_attention_equals_eager_attention(tiny_model_eager, images):
+    encoding = tiny_model_eager.encode(images[:2], PROMPTS[:2], vision_hidden_states=True, vision_attentions=[0, -2])
+    tower = tiny_model_eager.adapter.vision_tower
+    eager = tower(encoding.pixel_values, output_attentions=True).attentions
+    num_layers = len(eager)
+    assert set(encoding.vision_attentions) == {0, num_layers - 2}
+    for layer, attention in encoding.vision_attentions.items():
+        torch.testing.assert_close(attention, eager[layer].float(), atol=1e-5, rtol=1e-5)
+    assert len(encoding.vision_hidden_states) == num_layers + 1
+
+
+def _hook_count(model: mllm.MLLM) -> int:
+    modules = list(model.model.modules())
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in modules)
+
+
+def test_hooks_are_removed_and_model_is_unchanged(tiny_model, images):
+    before_state = {name: tensor.clone() for name, tensor in tiny_model.model.state_dict().items()}
+    encoding = tiny_model.encode(images, PROMPTS)
+    hooks_before = _hook_count(tiny_model)
+    tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(1, last_token_topk(5)), max_new_tokens=3)
+    assert _hook_count(tiny_model) == hooks_before
+
+    def broken(context):
+        raise RuntimeError("selector failed")
+
+    with pytest.raises(RuntimeError, match="selector failed"):
+        tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(1, broken), max_new_tokens=3)
+    assert _hook_count(tiny_model) == hooks_before
+    for name, tensor in tiny_model.model.state_dict().items():
+        assert torch.equal(tensor, before_state[name]), name
+    assert tiny_model.model.config._attn_implementation == "sdpa"
+    # And the unpruned model still answers as before.
+    plain = tiny_model.generate(encoding, max_new_tokens=3)
+    assert plain.token_ids == tiny_model.generate(encoding, max_new_tokens=3).token_ids
+
+
+def test_in_llm_pruning_errors(tiny_model, images):
+    encoding = tiny_model.encode(images[:2], PROMPTS[:2])
+    with pytest.raises(mllm.KeepSetError, match="same number"):
+        tiny_model.generate(encoding, keep=[torch.arange(5), torch.arange(6)],
+                            layer_pruning=mllm.LayerPruning(1, fixed(torch.zeros(2, 1, dtype=torch.long))))
+    with pytest.raises(mllm.KeepSetError, match="out of range"):
+        tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(1, fixed(torch.full((2, 3), 16))))
+    with pytest.raises(mllm.KeepSetError, match="batch=2"):
+        tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(1, fixed(torch.arange(3))))
+    with pytest.raises(ValueError, match="layer 0"):
+        tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(0, last_token_topk(3)))
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(99, fixed(torch.zeros(2, 1))))
+    with pytest.raises(ValueError, match="policies"):
+        mllm.LayerPruning(1, fixed(torch.zeros(2, 1)), policy="permute")
