@@ -133,7 +133,7 @@ def generate(
         if len(counts) != 1:
             raise KeepSetError(f"in-LLM pruning needs every row to enter the LLM with the same number of "
                                f"visual tokens; got {sorted(counts)}: run such rows in separate calls")
-        hooks = layer_pruning_hooks(layer_pruning, adapter, prompt.attention_mask, prompt.position_ids,
+        hooks = layer_pruning_hooks(layer_pruning, adapter, prompt.attention_mask,
                                     torch.stack(prompt.visual_index).to(device))
 
     mask = prompt.attention_mask
@@ -155,8 +155,8 @@ def generate(
             token = logits.float().argmax(dim=-1).masked_fill(finished, pad_id)
             generated = torch.cat([generated, token[:, None]], dim=1)
             for row in (~finished).nonzero().flatten().tolist():
-                text = mllm.tokenizer.decode(generated[row, : step + 1], skip_special_tokens=True)
-                if int(token[row]) in eos_ids or _cut_at_stop(text, stop)[1]:
+                if int(token[row]) in eos_ids or (stop and _cut_at_stop(
+                        mllm.tokenizer.decode(generated[row, : step + 1], skip_special_tokens=True), stop)[1]):
                     finished[row] = True
                     lengths[row] = step + 1
             if bool(finished.all()) or step == max_new_tokens - 1:

@@ -73,7 +73,6 @@ class _PruningState:
     pruning: LayerPruning
     adapter: ModelAdapter
     attention_mask: torch.Tensor  # (B, L) prefill mask
-    position_ids: torch.Tensor  # (B, L) prefill position IDs
     visual_index: torch.Tensor  # (B, n)
     previous: dict[str, Any] | None = None
     sequence_keep: torch.Tensor | None = None  # (B, L') kept sequence positions, ascending
@@ -85,9 +84,6 @@ class _PruningState:
     @property
     def prefill_length(self) -> int:
         return self.attention_mask.shape[1]
-
-    def dropped(self) -> int:
-        return self.prefill_length - self.sequence_keep.shape[1]
 
 
 def _gather(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -161,8 +157,8 @@ def _slice_layer_inputs(state: _PruningState, layer: int, args: tuple, kwargs: d
             state.decoded += hidden.shape[1]
         mask = _decode_mask(state, hidden)
         positions = kwargs["position_ids"]
-        if state.reassigned is not None:
-            positions = positions - state.dropped()
+        if state.reassigned is not None:  # continue the renumbered sequence: last kept ID + tokens decoded
+            positions = state.reassigned[:, -1:] + state.decoded
     if state.reassigned is not None:
         kwargs["position_embeddings"] = state.adapter.rotary_embeddings(hidden, positions)
     elif prefill:  # keep: the kept tokens' own rotary positions, sliced from the full sequence's
@@ -181,7 +177,6 @@ def layer_pruning_hooks(
     pruning: LayerPruning,
     adapter: ModelAdapter,
     attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
     visual_index: torch.Tensor,
 ) -> Iterator[_PruningState]:
     """Attach the hooks for one generation call; they are removed on exit, whatever happens."""
@@ -191,7 +186,7 @@ def layer_pruning_hooks(
         raise ValueError(f"in-LLM pruning supports eager and sdpa attention, not {implementation!r}")
     if not 0 <= pruning.layer < len(layers):
         raise ValueError(f"in-LLM pruning layer {pruning.layer} out of range: the LLM has {len(layers)} layers")
-    state = _PruningState(pruning, adapter, attention_mask, position_ids, visual_index)
+    state = _PruningState(pruning, adapter, attention_mask, visual_index)
 
     def capture(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]

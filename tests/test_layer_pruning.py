@@ -38,14 +38,16 @@ def test_layer_zero_equals_pruning_before_the_llm(request, images, model_name, p
     assert all(torch.equal(a, b) for a, b in zip(inside.kept, before.kept))
 
 
-def manual_reference(model: mllm.MLLM, encoding: mllm.Encoding, layer: int, kept: torch.Tensor,
-                     policy: str = "keep") -> torch.Tensor:
-    """Logits of the kept tokens, run by hand: full sequence up to `layer`, then only the kept tokens with
-    their original rotary positions ('keep') or renumbered ones, under a hand-built causal mask."""
+def manual_reference(model: mllm.MLLM, encoding: mllm.Encoding, layer: int, kept: torch.Tensor, *,
+                     policy: str = "keep", generated: list[int] = ()) -> torch.Tensor:
+    """Logits of the kept tokens (and of `generated` tokens appended after the prompt), run by hand with no
+    cache: the full sequence up to `layer`, then only the kept tokens with their original rotary positions
+    ('keep') or renumbered ones, under a hand-built causal mask (batch of one, eager attention)."""
     lm = model.adapter.language_model
-    embeds = encoding.inputs_embeds
-    positions = encoding.position_ids
-    hidden = lm(inputs_embeds=embeds, attention_mask=encoding.attention_mask, position_ids=positions,
+    new = torch.tensor([list(generated)], dtype=torch.long)
+    embeds = torch.cat([encoding.inputs_embeds, model.adapter.embed_tokens(new)], dim=1)
+    positions = torch.arange(embeds.shape[1])[None]
+    hidden = lm(inputs_embeds=embeds, attention_mask=torch.ones_like(positions), position_ids=positions,
                 output_hidden_states=True).hidden_states[layer]
     start = int(encoding.visual_start[0])
     index = torch.cat([torch.arange(start), start + kept, torch.arange(start + encoding.num_visual, embeds.shape[1])])
@@ -60,6 +62,31 @@ def manual_reference(model: mllm.MLLM, encoding: mllm.Encoding, layer: int, kept
 
 
 @pytest.mark.parametrize("policy", ["keep", "reassign"])
+def test_in_llm_decoding_against_eager_reference(tiny_model_eager, images, policy):
+    """Decoding steps: layers < K read the full cache, layers >= K only the kept tokens'."""
+    model = tiny_model_eager
+    encoding = model.encode(images[1], PROMPTS[1])
+    out = model.generate(encoding, layer_pruning=mllm.LayerPruning(2, last_token_topk(5), policy=policy),
+                         max_new_tokens=5, output_logits=True)
+    steps = len(out.token_ids[0])
+    assert steps >= 3
+    reference = manual_reference(model, encoding, 2, out.kept[0], policy=policy,
+                                 generated=out.token_ids[0][: steps - 1])
+    torch.testing.assert_close(out.step_logits[0, :steps], reference[-steps:], atol=1e-5, rtol=1e-5)
+
+
+def test_in_llm_pruning_batch_equals_single_rows(tiny_model, images):
+    encoding = tiny_model.encode(images, PROMPTS)  # left padding: decode masks are built, not skipped
+    pruning = mllm.LayerPruning(2, last_token_topk(5))
+    batched = tiny_model.generate(encoding, layer_pruning=pruning, max_new_tokens=6)
+    for row in range(4):
+        single = tiny_model.generate(tiny_model.encode(images[row], PROMPTS[row]), layer_pruning=pruning,
+                                     max_new_tokens=6)
+        assert single.token_ids[0] == batched.token_ids[row]
+        assert torch.equal(single.kept[0], batched.kept[row])
+
+
+@pytest.mark.parametrize("policy", ["keep", "reassign"])
 def test_in_llm_pruning_against_eager_reference(tiny_model_eager, images, policy):
     model = tiny_model_eager
     encoding = model.encode(images[3], PROMPTS[3])
@@ -68,10 +95,10 @@ def test_in_llm_pruning_against_eager_reference(tiny_model_eager, images, policy
                          max_new_tokens=1, output_logits=True)
     kept = out.kept[0]
     assert len(kept) == 6 and torch.equal(kept, kept.sort().values)
-    reference = manual_reference(model, encoding, layer, kept, policy)
+    reference = manual_reference(model, encoding, layer, kept, policy=policy)
     assert out.prefill_logits.shape[1] == reference.shape[0] == encoding.input_ids.shape[1] - 10
     torch.testing.assert_close(out.prefill_logits[0], reference, atol=1e-5, rtol=1e-5)
-    other = manual_reference(model, encoding, layer, kept, "reassign" if policy == "keep" else "keep")
+    other = manual_reference(model, encoding, layer, kept, policy="reassign" if policy == "keep" else "keep")
     assert (out.prefill_logits[0] - other).abs().max() > 1e-3
 
 

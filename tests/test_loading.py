@@ -1,0 +1,62 @@
+"""Loading checkpoints as researchers have them on disk, and the selfcheck command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from conftest import PROMPTS
+
+import mllm
+from mllm import selfcheck
+
+
+def to_legacy_llava_hf_layout(directory):
+    """Rewrite a checkpoint the way llava-hf/llava-1.5-7b-hf shipped it in 2024: preprocessor_config.json
+    naming CLIPImageProcessor, a slim processor_config.json, chat_template.json, PreTrainedTokenizerFast."""
+    processor = json.loads((directory / "processor_config.json").read_text())
+    image_processor = processor.pop("image_processor")
+    image_processor.update(image_processor_type="CLIPImageProcessor", processor_class="LlavaProcessor")
+    (directory / "preprocessor_config.json").write_text(json.dumps(image_processor))
+    processor.pop("image_token", None)
+    (directory / "processor_config.json").write_text(json.dumps(processor))
+    template = (directory / "chat_template.jinja").read_text()
+    (directory / "chat_template.jinja").unlink()
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    tokenizer = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer.update(tokenizer_class="PreTrainedTokenizerFast", padding_side="right")
+    tokenizer.pop("backend", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+
+
+def test_legacy_llava_hf_layout_loads_and_answers_the_same(tiny_checkpoint, tiny_model, images, tmp_path):
+    legacy_dir = tmp_path / "llava-legacy"
+    shutil.copytree(tiny_checkpoint, legacy_dir)
+    to_legacy_llava_hf_layout(legacy_dir)
+    legacy = mllm.load(legacy_dir, device="cpu", dtype="float32")
+    assert legacy.processor.chat_template  # read from chat_template.json
+    assert legacy.tokenizer.padding_side == "left"  # forced: batched generation pads on the left
+    assert legacy.prompt("hi") == tiny_model.prompt("hi") == "USER: <image>\nhi ASSISTANT:"
+    ours = legacy.generate(legacy.encode(images, PROMPTS), max_new_tokens=6)
+    reference = tiny_model.generate(tiny_model.encode(images, PROMPTS), max_new_tokens=6)
+    assert ours.token_ids == reference.token_ids
+
+
+def test_checkpoint_without_chat_template_uses_llava15_format(tiny_checkpoint, tmp_path):
+    directory = tmp_path / "no-template"
+    shutil.copytree(tiny_checkpoint, directory)
+    (directory / "chat_template.jinja").unlink()
+    model = mllm.load(directory, device="cpu")
+    assert model.prompt("where?") == "USER: <image>\nwhere? ASSISTANT:"
+
+
+def test_selfcheck_passes_and_writes_its_files(tmp_path, capsys):
+    assert selfcheck.main(["--out", str(tmp_path), "--batch", "2", "--max-new-tokens", "4"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["checks"] and all(check["passed"] for check in summary["checks"])
+    assert summary["versions"]["transformers"]
+    rows = (tmp_path / "position_ids.csv").read_text().splitlines()
+    assert rows[0] == "policy,token,position_id"
+    policies = {row.split(",")[0] for row in rows[1:]}
+    assert policies == set(selfcheck.POLICIES)
+    assert "[ok]" in capsys.readouterr().out
