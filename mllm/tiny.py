@@ -21,7 +21,11 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+try:  # later transformers 5.x split image processors into torchvision and PIL backends
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPImageProcessor
+except ImportError:  # earlier 5.x: the plain processor is the PIL/numpy one
+    from transformers import CLIPImageProcessor
 
 # The chat template shipped with llava-hf/llava-1.5-*-hf: "USER: <image>\n{text} ASSISTANT:".
 LLAVA15_CHAT_TEMPLATE = (
@@ -123,7 +127,7 @@ def tiny_llava_config(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast
 
 
 def build_processor(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": sizes.image_size},
         crop_size={"height": sizes.image_size, "width": sizes.image_size},
         image_mean=list(CLIP_MEAN),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the virtual environment and install the toolkit, never letting pip fetch a second torch.
 #
-# Where python3 already has torch (a GPU machine with its CUDA build), the venv sees the system
+# Where python3 already has torch (a GPU machine with its CUDA build), the venv sees python3's
 # packages and keeps that torch. Elsewhere torch==2.13.0 is installed first (on this project's
 # machines pip finds a local CPU wheel). Either way pip is then pinned to the torch now installed,
 # so no dependency can pull the multi-gigabyte CUDA build.
@@ -10,10 +10,12 @@ venv=${1:-.venv}
 python=${PYTHON:-python3}
 
 if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
   if "$python" -c "import torch" 2>/dev/null; then
-    "$python" -m venv --system-site-packages "$venv"
-  else
-    "$python" -m venv "$venv"
+    # Let the venv see python3's own packages (its torch above all). A .pth file rather than
+    # --system-site-packages, because python3 may itself be a venv (as on the GPU machines).
+    "$python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+      "$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/base-packages.pth"
   fi
 fi
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
