@@ -126,6 +126,8 @@ def encode(
         num_layers = len(adapter.vision_layers)
         attentions = {}
         for layer in vision_attentions:
+            if not -num_layers <= layer < num_layers:
+                raise ValueError(f"vision_attentions: layer {layer} out of range for a {num_layers}-layer vision tower")
             index = layer % num_layers
             attentions[index] = adapter.vision_attention(index, hidden[index])
 

@@ -8,6 +8,7 @@ explicit: position IDs with gaps and no mask would be read by transformers as pa
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -142,7 +143,7 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = [max_new_tokens] * batch
     step_logits = []
-    with hooks if hooks is not None else _no_hooks() as state:
+    with hooks if hooks is not None else nullcontext() as state:
         out = adapter.language_model(inputs_embeds=prompt.inputs_embeds, attention_mask=mask,
                                      position_ids=prompt.position_ids, use_cache=True)
         cache = out.past_key_values
@@ -182,11 +183,3 @@ def generate(
         prefill_mask=logits_mask if output_logits else None,
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
     )
-
-
-class _no_hooks:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -44,7 +44,10 @@ def _images(directory: str | None, count: int) -> list:
     return [load_image(path) for path in paths[:count]]
 
 
-def _transformers_tokens(model: mllm.MLLM, images: list, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+def transformers_generate_tokens(
+    model: mllm.MLLM, images: list, prompts: list[str], max_new_tokens: int
+) -> list[list[int]]:
+    """transformers' own greedy `generate` on the processor's inputs: new tokens per row, cut after EOS."""
     batch = model.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     out = model.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
@@ -61,7 +64,7 @@ def run_checks(model: mllm.MLLM, images: list, max_new_tokens: int) -> tuple[lis
     started = time.perf_counter()
     ours = model.generate(encoding, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - started
-    reference = _transformers_tokens(model, images, prompts, max_new_tokens)
+    reference = transformers_generate_tokens(model, images, prompts, max_new_tokens)
     checks.append({"check": "unpruned generate == transformers generate", "batch": len(images),
                    "passed": ours.token_ids == reference, "seconds": round(seconds, 3)})
 

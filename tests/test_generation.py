@@ -7,18 +7,7 @@ import torch
 from conftest import PROMPTS
 
 import mllm
-
-
-def hf_reference_tokens(model: mllm.MLLM, images, prompts, max_new_tokens: int) -> list[list[int]]:
-    """transformers' generate on the processor's own inputs (frame 'cropped' = no preprocessing of ours)."""
-    batch = model.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    out = model.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, batch["input_ids"].shape[1]:]
-    eos = model.tokenizer.eos_token_id
-    rows = []
-    for row in new.tolist():
-        rows.append(row[: row.index(eos) + 1] if eos in row else row)
-    return rows
+from mllm.selfcheck import transformers_generate_tokens
 
 
 def random_keep(batch: int, num_visual: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -32,7 +21,7 @@ def test_unpruned_generate_equals_transformers_generate(tiny_model, images, poli
     images, prompts = images[:batch], PROMPTS[:batch]
     encoding = tiny_model.encode(images, prompts, frame="cropped")
     ours = tiny_model.generate(encoding, policy=policy, max_new_tokens=12)
-    assert ours.token_ids == hf_reference_tokens(tiny_model, images, encoding.prompts, 12)
+    assert ours.token_ids == transformers_generate_tokens(tiny_model, images, encoding.prompts, 12)
     assert all(len(ids) > 0 for ids in ours.token_ids)
 
 
@@ -132,4 +121,4 @@ def test_bfloat16_matches_transformers_generate(tiny_checkpoint, images):
     encoding = model.encode(images[:2], PROMPTS[:2], frame="cropped")
     assert encoding.inputs_embeds.dtype == torch.bfloat16
     out = model.generate(encoding, max_new_tokens=8)
-    assert out.token_ids == hf_reference_tokens(model, images[:2], encoding.prompts, 8)
+    assert out.token_ids == transformers_generate_tokens(model, images[:2], encoding.prompts, 8)

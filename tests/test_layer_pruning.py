@@ -130,6 +130,8 @@ def test_recomputed_vision_attention_equals_eager_attention(tiny_model_eager, im
     for layer, attention in encoding.vision_attentions.items():
         torch.testing.assert_close(attention, eager[layer].float(), atol=1e-5, rtol=1e-5)
     assert len(encoding.vision_hidden_states) == num_layers + 1
+    with pytest.raises(ValueError, match="vision_attentions: layer 9"):
+        tiny_model_eager.encode(images[:1], PROMPTS[:1], vision_attentions=[9])
 
 
 def _hook_count(model: mllm.MLLM) -> int:
