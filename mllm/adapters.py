@@ -154,7 +154,7 @@ class LlavaAdapter(ModelAdapter):
     @property
     def vision_layers(self) -> nn.ModuleList:
         tower = self.vision_tower
-        # transformers < 5.x nests the encoder under `vision_model`; later versions flatten it.
+        # Some transformers versions nest the encoder under `vision_model`; 5.23 flattens it.
         return getattr(tower, "vision_model", tower).encoder.layers
 
     @property

@@ -128,7 +128,7 @@ def generate(
     eos_ids = _eos_ids(mllm)
     pad_id = mllm.tokenizer.pad_token_id or 0
 
-    hooks = None
+    hooks = nullcontext()
     if layer_pruning is not None:
         counts = {len(kept) for kept in prompt.kept}
         if len(counts) != 1:
@@ -143,7 +143,7 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = [max_new_tokens] * batch
     step_logits = []
-    with hooks if hooks is not None else nullcontext() as state:
+    with hooks as state:
         out = adapter.language_model(inputs_embeds=prompt.inputs_embeds, attention_mask=mask,
                                      position_ids=prompt.position_ids, use_cache=True)
         cache = out.past_key_values
@@ -156,8 +156,11 @@ def generate(
             token = logits.float().argmax(dim=-1).masked_fill(finished, pad_id)
             generated = torch.cat([generated, token[:, None]], dim=1)
             for row in (~finished).nonzero().flatten().tolist():
-                if int(token[row]) in eos_ids or (stop and _cut_at_stop(
-                        mllm.tokenizer.decode(generated[row, : step + 1], skip_special_tokens=True), stop)[1]):
+                done = int(token[row]) in eos_ids
+                if stop and not done:  # decode only when there are stop strings to look for
+                    text = mllm.tokenizer.decode(generated[row, : step + 1], skip_special_tokens=True)
+                    done = _cut_at_stop(text, stop)[1]
+                if done:
                     finished[row] = True
                     lengths[row] = step + 1
             if bool(finished.all()) or step == max_new_tokens - 1:

@@ -37,7 +37,7 @@ def _images(directory: str | None, count: int) -> list:
 
         shapes = [(48, 32), (32, 48), (40, 40), (64, 24)]
         return [Image.fromarray((torch.rand(h, w, 3, generator=generator) * 255).byte().numpy())
-                for w, h in shapes[:count]]
+                for w, h in (shapes[index % len(shapes)] for index in range(count))]
     paths = sorted(p for p in Path(directory).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
     if not paths:
         raise FileNotFoundError(f"{directory}: no .jpg/.jpeg/.png images to check with")
@@ -58,7 +58,7 @@ def transformers_generate_tokens(
 
 def run_checks(model: mllm.MLLM, images: list, max_new_tokens: int) -> tuple[list[dict], list[dict]]:
     checks = []
-    prompts = [model.prompt(q) for q in QUESTIONS[: len(images)]]
+    prompts = [model.prompt(QUESTIONS[index % len(QUESTIONS)]) for index in range(len(images))]
     encoding = model.encode(images, prompts, raw_prompts=True, frame="cropped")
 
     started = time.perf_counter()
