@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from conftest import PROMPTS
 
 import mllm
@@ -50,10 +51,12 @@ def test_checkpoint_without_chat_template_uses_llava15_format(tiny_checkpoint, t
     assert model.prompt("where?") == "USER: <image>\nwhere? ASSISTANT:"
 
 
-def test_selfcheck_passes_and_writes_its_files(tmp_path, capsys):
-    assert selfcheck.main(["--out", str(tmp_path), "--batch", "2", "--max-new-tokens", "4"]) == 0
+@pytest.mark.parametrize("batch", [2, 5])
+def test_selfcheck_passes_and_writes_its_files(tmp_path, capsys, batch):
+    assert selfcheck.main(["--out", str(tmp_path), "--batch", str(batch), "--max-new-tokens", "4"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["checks"] and all(check["passed"] for check in summary["checks"])
+    assert summary["checks"][0]["batch"] == batch  # more rows than the built-in image shapes and questions
     assert summary["versions"]["transformers"]
     rows = (tmp_path / "position_ids.csv").read_text().splitlines()
     assert rows[0] == "policy,token,position_id"
