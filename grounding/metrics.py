@@ -1,0 +1,61 @@
+"""Scores per sample and their summary: REC accuracies at IoU thresholds, VQA exact match, bootstrap CIs."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """lmms-eval's GQA exact match (`ignore_case`, `ignore_punctuation`), on the stripped answer."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> bool:
+    return normalize_answer(prediction) in {normalize_answer(answer) for answer in answers}
+
+
+def rec_columns(records: Sequence[dict]) -> dict[str, np.ndarray]:
+    """Per-sample values whose means are the REC metrics, over `records` (scored samples)."""
+    ious = np.array([record["iou"] for record in records], dtype=float)
+    columns = {f"acc@{threshold}": (ious >= threshold).astype(float) for threshold in THRESHOLDS}
+    columns["mean_iou"] = ious
+    columns["center_acc"] = np.array([record["center_hit"] for record in records], dtype=float)
+    columns["parse_failure_rate"] = np.array([not record["parsed"] for record in records], dtype=float)
+    return columns
+
+
+def vqa_columns(records: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {"accuracy": np.array([record["correct"] for record in records], dtype=float)}
+
+
+def bootstrap_intervals(columns: dict[str, np.ndarray], *, resamples: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CI of each column's mean, resampling samples jointly (fixed seed)."""
+    names = list(columns)
+    values = np.stack([columns[name] for name in names], axis=1)  # (n, metrics)
+    n = values.shape[0]
+    if n == 0:
+        return {name: (float("nan"), float("nan")) for name in names}
+    rng = np.random.default_rng(seed)
+    means = []
+    for start in range(0, resamples, 100):  # chunks keep memory at 100 x n counts
+        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start))
+        means.append(counts @ values / n)
+    means = np.concatenate(means)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+
+
+def summarize_scores(columns: dict[str, np.ndarray], *, resamples: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """{metric: {"value", "ci95": [low, high], "n"}}."""
+    intervals = bootstrap_intervals(columns, resamples=resamples, seed=seed)
+    return {name: {"value": float(values.mean()) if len(values) else float("nan"),
+                   "ci95": list(intervals[name]), "n": len(values)}
+            for name, values in columns.items()}

@@ -1,0 +1,75 @@
+"""Per-sample results as JSONL, appended batch by batch so that a killed run loses at most one batch.
+
+A run directory holds `samples.jsonl` (or one `samples.shard{r}of{n}.jsonl` per shard while
+sharded), `config.json`, and, once every sample has a record, `summary.json` and `metrics.csv`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from grounding.errors import GroundingError
+
+MERGED = "samples.jsonl"
+
+
+def shard_file(out: Path, rank: int, world: int) -> Path:
+    return out / (MERGED if world == 1 else f"samples.shard{rank}of{world}.jsonl")
+
+
+def record_files(out: Path) -> list[Path]:
+    return sorted(out.glob("samples*.jsonl"))
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Drop a last line cut short by a kill; return how many bytes were dropped."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as file:
+        file.truncate(keep)
+    return len(data) - keep
+
+
+def read_records(paths: Iterable[Path]) -> dict[int, dict]:
+    """index -> record over all `paths`; a torn last line (a killed writer) is skipped."""
+    records: dict[int, dict] = {}
+    for path in paths:
+        lines = path.read_text().split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the unterminated last line of a killed writer
+                    continue
+                raise GroundingError(f"{path}:{number}: not a JSON record; the file was edited or corrupted") from None
+            records.setdefault(record["index"], record)
+    return records
+
+
+def append_records(path: Path, records: Iterable[dict]) -> None:
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    with path.open("a", encoding="utf-8") as file:
+        file.write(lines)
+        file.flush()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_merged(out: Path, records: dict[int, dict]) -> Path:
+    """All records, ordered by sample index, into `samples.jsonl` (shard files are left as they are)."""
+    text = "".join(json.dumps(records[index], ensure_ascii=False) + "\n" for index in sorted(records))
+    write_atomic(out / MERGED, text)
+    return out / MERGED
