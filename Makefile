@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 # The main job: everything that has landed so far, on models built or shipped here.
 results: setup
 	$(PY) -m mllm.selfcheck --out results/selfcheck
+	$(PY) -m grounding.demo --out results/grounding-demo
 
 test: setup
 	$(PY) -m pytest

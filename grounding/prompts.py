@@ -1,8 +1,8 @@
 """Prompt styles per model family: the REC and VQA instructions, and how the family writes boxes.
 
 The default, `llava-1.5`, is lmms-eval's: its `refcoco_bbox_rec` prompt and its GQA post-prompt,
-answers read as 0-1 fractions of the original image as lmms-eval scores them (LLaVA-1.5 itself
-writes fractions of the padded square it saw: `--answer-frame padded` reads them that way).
+answers read as 0-1 fractions of the original image as lmms-eval scores them (whether LLaVA-1.5
+means fractions of the padded square it saw is unsettled: `--answer-frame padded` reads them so).
 Register another family with `register_prompt_style`.
 """
 
@@ -46,8 +46,9 @@ class PromptStyle:
                              f"prompt {{question}}")
 
     def text(self, task: str, sample_text: str) -> str:
-        template = self.rec if task == "rec" else self.vqa
-        return template.replace("{expression}", sample_text).replace("{question}", sample_text)
+        if task == "rec":
+            return self.rec.replace("{expression}", sample_text)
+        return self.vqa.replace("{question}", sample_text)
 
     def max_new_tokens(self, task: str) -> int:
         return self.rec_max_new_tokens if task == "rec" else self.vqa_max_new_tokens

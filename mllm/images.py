@@ -1,7 +1,7 @@
 """Image loading and the coordinate frame: how the model's normalised 0-1 box coordinates map to pixels.
 
-LLaVA-1.5 was trained on images padded to a square with the CLIP mean colour (``padded``), so its
-box answers are fractions of that square. ``original`` squashes the image to a square, so fractions
+LLaVA-1.5 was trained on images padded to a square with the CLIP mean colour (``padded``), and a
+box's fractions are then of that square. ``original`` squashes the image to a square, so fractions
 are of the image itself; ``cropped`` leaves the processor's resize + centre crop (llava-hf's default),
 which cuts off the sides of non-square images. This module is the one place that knows the mapping.
 """

@@ -12,8 +12,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from grounding.data.samples import Dataset, ImageRef, Sample, checked_box
+from grounding.data.samples import Dataset, ImageRef, Sample, xywh_box
 from grounding.errors import DatasetFormatError, SplitNotFoundError
+from mllm.errors import ImageLoadError
 
 REQUIRED_FIELDS = ("question_id", "image", "answer", "bbox")
 _SHARD = re.compile(r"^(?P<split>.+?)(-\d{5}-of-\d{5})?\.parquet$")
@@ -61,15 +62,10 @@ def load_parquet_rec(root: str | Path, name: str, split: str) -> Dataset:
 
 
 def _row_samples(record: dict, image: ImageRef, start: int) -> list[Sample]:
-    bbox = record["bbox"]
     expressions = record["answer"]
     if isinstance(expressions, str):
         expressions = [expressions]
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
-        box, problem = None, f"{image}: field 'bbox' is {bbox!r}, not [x, y, w, h]"
-    else:
-        box, problem = checked_box(*bbox)
-        problem = problem and f"{image}: field 'bbox': {problem}"
+    box, problem = xywh_box(record["bbox"], f"{image}:")
     if not expressions:  # kept as one unscorable sample, so the row is counted, not lost
         expressions, problem = [""], f"{image}: field 'answer' holds no referring expression"
     meta = {"question_id": record["question_id"], "file_name": record.get("file_name")}
@@ -90,6 +86,6 @@ def read_image_bytes(ref: ImageRef) -> bytes:
     value = _image_column(ref.path, ref.row_group)[ref.row]
     if isinstance(value, dict):
         value = value.get("bytes")
-    if not isinstance(value, bytes):
-        raise DatasetFormatError(f"{ref}: field 'image' holds no encoded image bytes")
+    if not isinstance(value, bytes):  # a sample-level fault: recorded against this sample, not fatal
+        raise ImageLoadError(f"{ref}: field 'image' holds no encoded image bytes")
     return value

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from grounding.data.safe_pickle import load_plain_pickle
-from grounding.data.samples import Dataset, ImageRef, Sample, checked_box
+from grounding.data.samples import Dataset, ImageRef, Sample, xywh_box
 from grounding.errors import DatasetFormatError, SplitNotFoundError
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -101,8 +101,7 @@ def load_refer(root: str | Path, name: str, split: str, *, split_by: str | None 
         elif annotation is None or "bbox" not in annotation:
             problem = f"{instances_path}: no annotation with a 'bbox' and id {ref['ann_id']} (ref {ref['ref_id']})"
         else:
-            box, problem = checked_box(*annotation["bbox"])
-            problem = problem and f"{instances_path}: annotation {ref['ann_id']} field 'bbox': {problem}"
+            box, problem = xywh_box(annotation["bbox"], f"{instances_path}: annotation {ref['ann_id']}")
         meta = {"ref_id": ref["ref_id"], "ann_id": ref["ann_id"], "image_id": ref["image_id"],
                 "category_id": ref.get("category_id")}
         for sentence in ref["sentences"] or [{}]:

@@ -35,7 +35,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_plain_pickle(path: str | Path) -> Any:
-    """Unpickle `path`, admitting only dicts, lists, tuples, sets, numbers, strings, bytes and None."""
+    """Unpickle `path`, admitting only dicts, lists, tuples, sets, numbers, strings and None.
+
+    Bytes load from protocol 3 on; older protocols build them by calling `_codecs.encode`, refused.
+    """
     path = Path(path)
     with path.open("rb") as file:
         try:

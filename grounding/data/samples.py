@@ -81,3 +81,12 @@ def checked_box(x: float, y: float, w: float, h: float) -> tuple[Box, str | None
     box = (float(x), float(y), float(x) + float(w), float(y) + float(h))
     problem = None if w > 0 and h > 0 else f"box [x, y, w, h] = {[x, y, w, h]} has zero area"
     return box, problem
+
+
+def xywh_box(value: object, where: str) -> tuple[Box | None, str | None]:
+    """An annotation's `bbox` field -> (box, None), or (box or None, the problem naming `where`)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return None, f"{where} field 'bbox' is {value!r}, not [x, y, w, h]"
+    box, problem = checked_box(*value)
+    return box, problem and f"{where} field 'bbox': {problem}"
