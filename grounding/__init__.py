@@ -10,6 +10,7 @@ from grounding.data import DATASETS, Dataset, ImageRef, Sample, load_dataset
 from grounding.errors import (
     DatasetFormatError,
     GroundingError,
+    PromptStyleError,
     RunConfigError,
     SplitNotFoundError,
     UnsafePickleError,
@@ -21,7 +22,8 @@ from grounding.summary import summarize
 
 __all__ = [
     "BOX_FORMATS", "DATASETS", "THRESHOLDS", "Dataset", "DatasetFormatError", "GroundingError", "ImageRef",
-    "ParsedBox", "PromptStyle", "RunConfigError", "Sample", "Shard", "SplitNotFoundError", "UnsafePickleError",
+    "ParsedBox", "PromptStyle", "PromptStyleError", "RunConfigError", "Sample", "Shard", "SplitNotFoundError",
+    "UnsafePickleError",
     "answer_to_pixels", "bootstrap_intervals", "center_inside", "default_style_for", "evaluate_batch",
     "exact_match", "iou", "load_dataset", "normalize_answer", "parse_box", "prompt_style",
     "register_prompt_style", "run_config", "run_evaluation", "summarize",

@@ -19,5 +19,9 @@ class UnsafePickleError(GroundingError, ValueError):
     """A pickle tried to build something other than plain containers, numbers and strings."""
 
 
+class PromptStyleError(GroundingError, ValueError):
+    """An unknown or inconsistent prompt style."""
+
+
 class RunConfigError(GroundingError, ValueError):
     """An output directory holds a run made with a different configuration."""

@@ -59,8 +59,8 @@ def _device(requested: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    shard = Shard.parse(args.shard)
     try:
+        shard = Shard.parse(args.shard)
         dataset = load_dataset(args.dataset, args.data, args.split, images=args.images, split_by=args.split_by)
         model = mllm.load(args.model, dtype=args.dtype, device=_device(args.device))
         style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(

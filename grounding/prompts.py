@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from grounding.boxes import BOX_FORMATS, BoxFormat
+from grounding.errors import PromptStyleError
 from mllm.images import FRAME_KINDS, FrameKind
 
 LMMS_EVAL_REC_PROMPT = (
@@ -37,12 +38,12 @@ class PromptStyle:
 
     def __post_init__(self) -> None:
         if self.box_format not in BOX_FORMATS:
-            raise ValueError(f"prompt style {self.name}: box format {self.box_format!r} not in {BOX_FORMATS}")
+            raise PromptStyleError(f"prompt style {self.name}: box format {self.box_format!r} not in {BOX_FORMATS}")
         for frame in (self.image_frame, self.answer_frame):
             if frame not in FRAME_KINDS:
-                raise ValueError(f"prompt style {self.name}: frame {frame!r} not in {FRAME_KINDS}")
+                raise PromptStyleError(f"prompt style {self.name}: frame {frame!r} not in {FRAME_KINDS}")
         if "{expression}" not in self.rec or "{question}" not in self.vqa:
-            raise ValueError(f"prompt style {self.name}: the REC prompt needs {{expression}} and the VQA "
+            raise PromptStyleError(f"prompt style {self.name}: the REC prompt needs {{expression}} and the VQA "
                              f"prompt {{question}}")
 
     def text(self, task: str, sample_text: str) -> str:
@@ -70,13 +71,13 @@ def register_prompt_style(style: PromptStyle, model_types: tuple[str, ...] = ())
 
 def prompt_style(name: str) -> PromptStyle:
     if name not in _STYLES:
-        raise ValueError(f"unknown prompt style {name!r}; registered: {sorted(_STYLES)}")
+        raise PromptStyleError(f"unknown prompt style {name!r}; registered: {sorted(_STYLES)}")
     return _STYLES[name]
 
 
 def default_style_for(model_type: str) -> PromptStyle:
     if model_type not in _FAMILY_OF_MODEL_TYPE:
-        raise ValueError(f"no prompt style registered for model type {model_type!r}; pass --prompt-style "
+        raise PromptStyleError(f"no prompt style registered for model type {model_type!r}; pass --prompt-style "
                          f"(one of {sorted(_STYLES)})")
     return _STYLES[_FAMILY_OF_MODEL_TYPE[model_type]]
 

@@ -46,14 +46,12 @@ class Shard:
     @classmethod
     def parse(cls, spec: str | None = None) -> Shard:
         """`r/n`, else the RANK / WORLD_SIZE that torchrun and accelerate set, else the whole dataset."""
-        if spec:
-            rank, _, world = spec.partition("/")
-            shard = cls(int(rank), int(world))
-        else:
-            shard = cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-        if not 0 <= shard.rank < shard.world:
-            raise ValueError(f"shard {shard.rank}/{shard.world}: need 0 <= rank < world size")
-        return shard
+        rank, world = spec.partition("/")[::2] if spec else (os.environ.get("RANK", "0"),
+                                                                 os.environ.get("WORLD_SIZE", "1"))
+        source = f"--shard {spec!r}" if spec else "RANK / WORLD_SIZE"
+        if not (rank.isdigit() and world.isdigit() and 0 <= int(rank) < int(world)):
+            raise RunConfigError(f"{source}: need r/n with 0 <= r < n, got rank {rank!r} of {world!r}")
+        return cls(int(rank), int(world))
 
 
 def default_predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: Any) -> mllm.Generation:

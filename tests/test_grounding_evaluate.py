@@ -237,3 +237,12 @@ def test_torchrun_shards_and_merges(tiny_checkpoint, parquet_data, tmp_path):
         "samples.jsonl", "samples.shard0of2.jsonl", "samples.shard1of2.jsonl"}
     assert [record["index"] for record in read_jsonl(out / "samples.jsonl")] == list(range(6))
     assert summary_of(out)["n_samples"] == 6
+
+
+@pytest.mark.parametrize(("option", "value", "needle"), [("--shard", "2/2", "--shard '2/2'"),
+                                                         ("--shard", "a/b", "--shard 'a/b'"),
+                                                         ("--prompt-style", "nope", "unknown prompt style 'nope'")])
+def test_bad_options_give_a_clear_error(tiny_checkpoint, parquet_data, tmp_path, capsys, option, value, needle):
+    assert evaluate_cli("--model", tiny_checkpoint, "--data", parquet_data, "--dataset", "refcoco",
+                        "--out", tmp_path / "run", option, value) == 2
+    assert needle in capsys.readouterr().err
