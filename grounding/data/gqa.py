@@ -7,10 +7,9 @@ DIR, `DIR/questions` and `DIR/questions1.2`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from grounding.data.samples import Dataset, ImageRef, Sample
+from grounding.data.samples import Dataset, ImageRef, Sample, read_json_object
 from grounding.errors import DatasetFormatError, SplitNotFoundError
 
 QUESTION_FOLDERS = (".", "questions", "questions1.2")
@@ -43,13 +42,7 @@ def load_gqa(root: str | Path, split: str, *, images: str | Path | None = None, 
     folder = Path(images) if images is not None else root / "images"
     if not folder.is_dir():
         raise DatasetFormatError(f"image folder {folder} does not exist; pass it with --images")
-    try:
-        questions = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetFormatError(f"{path}: not valid JSON: {error}") from error
-    if not isinstance(questions, dict):
-        raise DatasetFormatError(f"{path}: expected GQA's object of question ID -> question, "
-                                 f"found a JSON {type(questions).__name__}")
+    questions = read_json_object(path, "GQA's object of question ID -> question")
     samples = []
     for question_id, entry in questions.items():
         for field in ("imageId", "question", "answer"):

@@ -8,11 +8,10 @@ restricted unpickler (`safe_pickle`): it comes from strangers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from grounding.data.safe_pickle import load_plain_pickle
-from grounding.data.samples import Dataset, ImageRef, Sample, xywh_box
+from grounding.data.samples import Dataset, ImageRef, Sample, read_json_object, xywh_box
 from grounding.errors import DatasetFormatError, SplitNotFoundError
 
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -44,13 +43,7 @@ def find_image_folder(annotations: Path, images: str | Path | None) -> Path:
 def _read_instances(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     if not path.is_file():
         raise DatasetFormatError(f"{path}: file not found; the refer layout keeps it next to the refs pickle")
-    try:
-        instances = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DatasetFormatError(f"{path}: not valid JSON: {error}") from error
-    if not isinstance(instances, dict):
-        raise DatasetFormatError(f"{path}: expected a COCO instances object with 'images' and 'annotations', "
-                                 f"found a JSON {type(instances).__name__}")
+    instances = read_json_object(path, "a COCO instances object with 'images' and 'annotations'")
     for field in ("images", "annotations"):
         if not isinstance(instances.get(field), list):
             raise DatasetFormatError(f"{path}: field '{field}' is missing or not a list (not COCO instances.json)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 
+from grounding.errors import DatasetFormatError
 from mllm.errors import ImageLoadError
 from mllm.images import load_image
 
@@ -74,6 +76,17 @@ class Dataset:
 
     def __iter__(self):
         return iter(self.samples)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """Parse `path` as a JSON object; `what` names the object expected, for the error message."""
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetFormatError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise DatasetFormatError(f"{path}: expected {what}, found a JSON {type(value).__name__}")
+    return value
 
 
 def checked_box(x: float, y: float, w: float, h: float) -> tuple[Box, str | None]:
