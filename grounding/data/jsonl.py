@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from grounding.data.samples import Box, Dataset, ImageRef, Sample, checked_box
+from grounding.data.samples import Box, Dataset, ImageRef, Sample, checked_box, four_numbers
 from grounding.errors import DatasetFormatError, SplitNotFoundError
 
 
@@ -26,7 +26,7 @@ def jsonl_file(root: Path, split: str) -> Path:
 
 
 def _numbers(value: object, where: str, field: str) -> list[float]:
-    if not isinstance(value, list) or len(value) != 4 or not all(isinstance(v, (int, float)) for v in value):
+    if not four_numbers(value):
         raise DatasetFormatError(f"{where}: field '{field}' must be a list of 4 numbers, got {value!r}")
     return [float(v) for v in value]
 

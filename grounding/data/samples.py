@@ -96,10 +96,15 @@ def checked_box(x: float, y: float, w: float, h: float) -> tuple[Box, str | None
     return box, problem
 
 
+def four_numbers(value: object) -> bool:
+    """Whether a box field holds exactly four numbers (booleans are not numbers here)."""
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
 def xywh_box(value: object, where: str) -> tuple[Box | None, str | None]:
     """An annotation's `bbox` field -> (box, None), or (box or None, the problem naming `where`)."""
-    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if not four_numbers(value):
         return None, f"{where} field 'bbox' is {value!r}, not [x, y, w, h]"
     box, problem = checked_box(*value)
     return box, problem and f"{where} field 'bbox': {problem}"
