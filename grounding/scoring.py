@@ -10,7 +10,8 @@ from mllm.images import ImageFrame
 
 
 def _base(sample: Sample) -> dict:
-    return {"index": sample.index, "id": sample.id, "text": sample.text, "image": str(sample.image)}
+    record = {"index": sample.index, "id": sample.id, "text": sample.text, "image": str(sample.image)}
+    return {**record, "meta": sample.meta} if sample.meta else record
 
 
 def score_rec(sample: Sample, prediction: str, image_size: tuple[int, int], style: PromptStyle) -> dict:

@@ -3,7 +3,8 @@
 REC:  {"image": "img/1.jpg", "expression": "the red cup", "box": [x1, y1, x2, y2]}  (pixels)
       or "bbox": [x, y, w, h] (pixels, COCO order) instead of "box"
 VQA:  {"image": "img/1.jpg", "question": "what colour is the cup?", "answers": ["red"]}
-An optional "id" names the sample (default: its line number).
+An optional "id" names the sample (default: its line number); any other field (say "kind") is kept in
+the sample's `meta` and written into its result record.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from grounding.data.samples import Box, Dataset, ImageRef, Sample, checked_box, four_numbers
 from grounding.errors import DatasetFormatError, SplitNotFoundError
+
+_KNOWN_FIELDS = frozenset({"id", "image", "expression", "question", "box", "bbox", "answers"})
 
 
 def jsonl_file(root: Path, split: str) -> Path:
@@ -61,8 +64,9 @@ def load_jsonl(path_or_dir: str | Path, split: str, *, name: str = "jsonl") -> D
         if not isinstance(entry.get(text_field), str):
             raise DatasetFormatError(f"{where}: field '{text_field}' is missing or not a string")
         image = ImageRef(path.parent / entry["image"])  # an absolute path stays absolute
+        meta = {key: value for key, value in entry.items() if key not in _KNOWN_FIELDS}
         common = {"index": len(samples), "id": str(entry.get("id", number)), "image": image,
-                  "text": entry[text_field]}
+                  "text": entry[text_field], "meta": meta}
         if task == "rec":
             box, problem = _rec_box(entry, where)
             samples.append(Sample(**common, box=box, problem=problem and f"{where}: {problem}"))
