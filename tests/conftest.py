@@ -41,3 +41,10 @@ def images() -> list[Image.Image]:
 
 
 PROMPTS = ["hi", "what is this thing?", "a", "where is the red circle left of the cross?"]
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent
