@@ -1,0 +1,104 @@
+"""The miniature's parts: a word-piece tokenizer for the synthetic world, a small CLIP, a small LLaVA.
+
+The LLaVA side reuses `mllm.tiny`'s builders, so the miniature is a stock `LlavaForConditionalGeneration`
+(CLIP ViT with learned absolute positions, penultimate-layer features, MLP projector, Llama with RoPE)
+written in the llava-hf layout. The tokenizer is a BPE trained on the world's text with Llama's
+conventions: "▁" marks a word start, every digit is its own token, `<s>` is prepended.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from grounding.prompts import prompt_style
+from minillava.world import box_answer, caption, make_scene, referring_expressions, vqa_questions
+from mllm.tiny import IMAGE_TOKEN, SPECIAL_TOKENS, TinyLlavaConfig, tiny_llava_config
+
+PRESETS = {
+    # The prototype's size, trainable on a 2-core CPU in under an hour per miniature.
+    "cpu": TinyLlavaConfig(image_size=64, patch_size=8, vision_hidden=128, vision_layers=6, vision_heads=4,
+                           text_hidden=192, text_layers=4, text_heads=6, text_kv_heads=6,
+                           max_position_embeddings=512),
+    # For a GPU: 112 px scenes, 196 visual tokens, a deeper tower and LLM.
+    "gpu": TinyLlavaConfig(image_size=112, patch_size=8, vision_hidden=192, vision_layers=8, vision_heads=6,
+                           text_hidden=384, text_layers=6, text_heads=6, text_kv_heads=6,
+                           max_position_embeddings=1024),
+    # Seconds on a CPU: for tests.
+    "test": TinyLlavaConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=3, vision_heads=4,
+                            text_hidden=48, text_layers=2, text_heads=4, text_kv_heads=4,
+                            max_position_embeddings=256),
+}
+
+
+@dataclass(frozen=True)
+class TextTowerConfig:
+    """CLIP's text tower, used only for the contrastive stage and not shipped."""
+
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+    max_length: int = 48
+
+
+def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7) -> list[str]:
+    """Text the tokenizer is trained on: prompts as the LLaVA-1.5 style words them, answers, captions."""
+    style = prompt_style("llava-1.5")
+    lines = []
+    for scene_seed in range(seed, seed + count):
+        scene, rng = make_scene(scene_seed, size), random.Random(scene_seed)
+        for ref in referring_expressions(scene, rng):
+            lines.append(style.text("rec", ref.text) + " ASSISTANT: " + box_answer(scene.objects[ref.target].box, size))
+        for question in vqa_questions(scene, rng):
+            lines.append(style.text("vqa", question.text) + " ASSISTANT: " + question.answer)
+        lines.append(caption(scene, rng))
+    return ["USER: \n" + line if "ASSISTANT" in line else line for line in lines]
+
+
+def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """BPE over the world's text; any printable ASCII still encodes, character by character."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = [chr(code) for code in range(32, 127)] + ["\n", "▁"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, IMAGE_TOKEN],
+                                  initial_alphabet=alphabet, show_progress=False)
+    backend.train_from_iterator(world_corpus(), trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<pad>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def build_clip(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast, text: TextTowerConfig) -> CLIPModel:
+    """A CLIP whose vision tower is exactly the LLaVA's (same config), ready for contrastive training."""
+    vision = tiny_llava_config(sizes, tokenizer).vision_config.to_dict()
+    config = CLIPConfig(
+        vision_config=vision,
+        text_config={"vocab_size": len(tokenizer), "hidden_size": text.hidden, "intermediate_size": 4 * text.hidden,
+                     "num_hidden_layers": text.layers, "num_attention_heads": text.heads,
+                     "max_position_embeddings": text.max_length, "projection_dim": sizes.vision_hidden,
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id},
+        projection_dim=sizes.vision_hidden,
+    )
+    return CLIPModel(config)
+
+
+def build_llava(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    model = LlavaForConditionalGeneration(tiny_llava_config(sizes, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def sizes_dict(sizes: TinyLlavaConfig) -> dict:
+    return asdict(sizes)

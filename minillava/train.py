@@ -1,0 +1,431 @@
+"""Train a miniature LLaVA on the synthetic world, LLaVA's way, and write it in the llava-hf layout.
+
+    python -m minillava.train --tower contrastive --out data/minillava/contrastive
+    python -m minillava.train --tower spatial --out data/minillava/spatial --preset gpu --device cuda
+
+Stage 1 trains a small CLIP contrastively on position-free captions (`--tower spatial` adds a small
+loss that keeps patch position linearly decodable in the tower's last two layers). Stage 2 freezes
+the vision tower and trains projector + Llama on REC and VQA instructions, worded exactly as the
+`llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only. Each stage logs
+to `<work>/log.csv`, saves its state every `--save-every` steps and resumes from it when rerun.
+With `--eval-data` the finished checkpoint is evaluated through `grounding` and gets a model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from grounding.prompts import prompt_style
+from minillava.model import PRESETS, TextTowerConfig, build_clip, build_llava, build_tokenizer
+from minillava.world import (
+    TRAIN_SEED_OFFSET,
+    box_answer,
+    caption,
+    make_scene,
+    referring_expressions,
+    vqa_questions,
+)
+from mllm.loading import resolve_device
+from mllm.prompts import build_prompt
+from mllm.tiny import CLIP_MEAN, CLIP_STD, TinyLlavaConfig, build_processor, save_llava_checkpoint
+
+TOWERS = ("contrastive", "spatial")
+IGNORE = -100
+TASKS = ("rec", "vqa", "caption")
+CAPTION_PROMPT = "Provide a brief description of the given image."  # one of LLaVA's caption instructions
+
+
+@dataclass
+class TrainConfig:
+    tower: str = "contrastive"
+    preset: str = "cpu"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "bf16"  # bf16 autocast, or fp32
+    stage1_steps: int = 600
+    stage1_batch: int = 128
+    stage1_lr: float = 1e-3
+    spatial_weight: float = 0.3
+    stage2_steps: int = 3200
+    stage2_batch: int = 64
+    stage2_lr: float = 1.5e-3
+    train_scenes: int = 20000
+    rec_fraction: float = 0.5
+    caption_fraction: float = 0.25  # the rest of each batch is VQA
+    warmup: int = 100
+    save_every: int = 200
+    text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+
+    @property
+    def sizes(self) -> TinyLlavaConfig:
+        return PRESETS[self.preset]
+
+
+# ------------------------------------------------------------------------------------ utilities
+def to_pixels(images: Sequence, device: torch.device | str = "cpu") -> torch.Tensor:
+    """CLIP normalisation of square RGB images already at the tower's size (what the processor does)."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class Log:
+    """Appends one CSV row per logged step; a resumed run keeps the rows it already has."""
+
+    def __init__(self, path: Path, resume_from: dict[str, int]) -> None:
+        self.path = path
+        rows = list(csv.DictReader(path.open())) if path.is_file() else []
+        keep = [row for row in rows if int(row["step"]) < resume_from.get(row["stage"], 0)]
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["stage", "step", "loss", "lr", "seconds"])
+            writer.writeheader()
+            writer.writerows(keep)
+
+    def write(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.2f}"])
+
+
+STAGE1_FIELDS = ("tower", "preset", "seed", "precision", "stage1_steps", "stage1_batch", "stage1_lr",
+                 "spatial_weight", "warmup", "text_tower")
+
+
+def stage_config(config: TrainConfig, stage: str) -> dict:
+    """What a stage's state depends on: stage 1 ignores stage 2's settings, so a new stage 2 reuses its tower."""
+    everything = asdict(config)
+    return {key: everything[key] for key in STAGE1_FIELDS} if stage == "stage1" else everything
+
+
+def _load_state(path: Path, config: TrainConfig) -> dict | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["config"] != stage_config(config, path.stem):
+        raise SystemExit(f"{path}: saved by a run with another configuration; use a new --work directory")
+    return state
+
+
+def _save_state(path: Path, config: TrainConfig, step: int, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, *, seconds: float) -> None:
+    state = {"config": stage_config(config, path.stem), "step": step, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "seconds": seconds}
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+# -------------------------------------------------------------------------------------- stage 1
+def caption_batch(step: int, config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> tuple:
+    size = config.sizes.image_size
+    seeds = [TRAIN_SEED_OFFSET * 10 + step * config.stage1_batch + i for i in range(config.stage1_batch)]
+    scenes = [make_scene(seed + config.seed * 10**9, size) for seed in seeds]
+    texts = [caption(scene, random.Random(scene.seed)) for scene in scenes]
+    keep = config.text_tower.max_length - 1
+    ids = [[*tokenizer(text).input_ids[:keep], tokenizer.eos_token_id] for text in texts]
+    lengths = torch.tensor([len(row) for row in ids])
+    padded = torch.full((len(ids), int(lengths.max())), tokenizer.pad_token_id)
+    for row, values in enumerate(ids):
+        padded[row, : len(values)] = torch.tensor(values)
+    return to_pixels([scene.render() for scene in scenes]), padded, lengths
+
+
+class PositionHeads(torch.nn.Module):
+    """Linear read-outs of each patch's index from the tower's last two layers (the spatial tower)."""
+
+    def __init__(self, hidden: int, patches: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, patches) for _ in range(2)])
+
+    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        losses = []
+        for head, states in zip(self.heads, hidden_states[-2:]):
+            patches = states[:, 1:]
+            target = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+            losses.append(F.cross_entropy(head(patches).flatten(0, 1).float(), target.flatten()))
+        return torch.stack(losses).mean()
+
+
+def contrastive_loss(clip: CLIPModel, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                     heads: PositionHeads | None) -> tuple[torch.Tensor, torch.Tensor]:
+    vision = clip.vision_model(pixel_values=pixels, output_hidden_states=heads is not None)
+    image = F.normalize(clip.visual_projection(vision.pooler_output).float(), dim=-1)
+    mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
+    states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    pooled = states[torch.arange(len(ids), device=ids.device), lengths - 1]  # the eos token
+    text = F.normalize(clip.text_projection(pooled).float(), dim=-1)
+    logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
+    labels = torch.arange(len(ids), device=ids.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    aux = heads(vision.hidden_states) if heads is not None else torch.zeros((), device=ids.device)
+    return loss, aux
+
+
+def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: Path, log: Log, *,
+                device: torch.device, progress: bool = True) -> CLIPModel:
+    torch.manual_seed(config.seed)
+    clip = build_clip(config.sizes, tokenizer, config.text_tower)
+    patches = (config.sizes.image_size // config.sizes.patch_size) ** 2
+    heads = PositionHeads(config.sizes.vision_hidden, patches) if config.tower == "spatial" else None
+    modules = torch.nn.ModuleList([clip, *([heads] if heads else [])]).to(device)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=config.stage1_lr, weight_decay=0.05)
+    state = _load_state(work / "stage1.pt", config)
+    start, seconds = 0, 0.0
+    if state:
+        modules.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, seconds = state["step"], state["seconds"]
+    clip.train()
+    began = time.perf_counter() - seconds
+    for step in tqdm(range(start, config.stage1_steps), initial=start, total=config.stage1_steps,
+                     desc=f"stage 1 ({config.tower} tower)", disable=not progress):
+        lr = learning_rate(step, config.stage1_steps, config.stage1_lr, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        pixels, ids, lengths = (t.to(device) for t in caption_batch(step, config, tokenizer))
+        with autocast(device, config.precision):
+            loss, aux = contrastive_loss(clip, pixels, ids, lengths, heads)
+        total = loss + config.spatial_weight * aux
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        optimizer.step()
+        log.write("stage1", step, total.item(), lr, time.perf_counter() - began)
+        if (step + 1) % config.save_every == 0 or step + 1 == config.stage1_steps:
+            _save_state(work / "stage1.pt", config, step + 1, modules, optimizer,
+                        seconds=time.perf_counter() - began)
+    return clip.eval()
+
+
+# -------------------------------------------------------------------------------------- stage 2
+@dataclass
+class Instructions:
+    """Every training query, tokenised: `ids[i]` is prompt + answer + eos, `starts[i]` its answer's start."""
+
+    scene: list[int]
+    ids: list[list[int]]
+    starts: list[int]
+    by_task: dict[str, np.ndarray]  # task -> indices of its queries
+
+
+def train_seed(config: TrainConfig, index: int) -> int:
+    return TRAIN_SEED_OFFSET + config.seed * 10**8 + index
+
+
+def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
+    """(task, user text, answer) for every query about one scene.
+
+    REC and VQA are worded as the llava-1.5 prompt style asks at evaluation; captions, LLaVA's
+    alignment data, name what the image holds and never where.
+    """
+    style = prompt_style("llava-1.5")
+    scene, rng = make_scene(seed, size), random.Random(seed)
+    items = [("rec", style.text("rec", ref.text), box_answer(scene.objects[ref.target].box, size))
+             for ref in referring_expressions(scene, rng)]
+    items += [("vqa", style.text("vqa", q.text), q.answer) for q in vqa_questions(scene, rng)]
+    items.append(("caption", CAPTION_PROMPT, caption(scene, rng)))
+    return items
+
+
+def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str, str]],
+                          num_visual: int) -> Instructions:
+    """Tokenise as the processor does at evaluation: the image placeholder repeated once per visual token."""
+    tokenizer = processor.tokenizer
+    prompts = [build_prompt(processor, text).replace("<image>", "<image>" * num_visual) for _, _, text, _ in texts]
+    full = [prompt + " " + answer for prompt, (_, _, _, answer) in zip(prompts, texts)]
+    prompt_ids = tokenizer(prompts).input_ids
+    full_ids = tokenizer(full).input_ids
+    for index, (head, whole) in enumerate(zip(prompt_ids, full_ids)):
+        if whole[: len(head)] != head:
+            raise RuntimeError(f"query {index}: the prompt's tokens are not a prefix of prompt + answer")
+    tasks = np.array([task for _, task, _, _ in texts])
+    return Instructions(scene=[scene for scene, _, _, _ in texts],
+                        ids=[[*whole, tokenizer.eos_token_id] for whole in full_ids],
+                        starts=[len(head) for head in prompt_ids],
+                        by_task={task: np.flatnonzero(tasks == task) for task in TASKS})
+
+
+def build_instructions(config: TrainConfig, processor: object) -> Instructions:
+    texts = []
+    size = config.sizes.image_size
+    for index in range(config.train_scenes):
+        texts += [(index, *item) for item in instruction_texts(train_seed(config, index), size)]
+    grid = config.sizes.image_size // config.sizes.patch_size
+    return tokenize_instructions(processor, texts, grid * grid)
+
+
+@torch.no_grad()
+def tower_features(model: LlavaForConditionalGeneration, config: TrainConfig, device: torch.device,
+                   batch: int = 256) -> torch.Tensor:
+    """(scenes, N, D) frozen features as LLaVA takes them: layer `vision_feature_layer`, CLS dropped."""
+    layer = model.config.vision_feature_layer
+    size, out = config.sizes.image_size, []
+    for start in range(0, config.train_scenes, batch):
+        seeds = [train_seed(config, i) for i in range(start, min(start + batch, config.train_scenes))]
+        pixels = to_pixels([make_scene(seed, size).render() for seed in seeds], device)
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
+        out.append(hidden[:, 1:].to("cpu", torch.float32))
+    return torch.cat(out)
+
+
+def instruction_batch(rows: np.ndarray, data: Instructions, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ids, labels (answers only) and mask for the queries `rows`."""
+    length = max(len(data.ids[row]) for row in rows)
+    ids = torch.full((len(rows), length), pad_id)
+    labels = torch.full((len(rows), length), IGNORE)
+    for slot, row in enumerate(rows):
+        values = torch.tensor(data.ids[row])
+        ids[slot, : len(values)] = values
+        labels[slot, data.starts[row] : len(values)] = values[data.starts[row] :]
+    return ids, labels, (ids != pad_id).long()
+
+
+def instruction_loss(model: LlavaForConditionalGeneration, features: torch.Tensor, ids: torch.Tensor,
+                     labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """LLaVA's forward on precomputed tower features: project, merge at the image tokens, run the LLM."""
+    embeds = model.get_input_embeddings()(ids)
+    projected = model.model.multi_modal_projector(features.to(embeds.dtype))
+    is_image = (ids == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(is_image, projected.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+
+def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Path, log: Log, *,
+              device: torch.device, progress: bool = True) -> LlavaForConditionalGeneration:
+    torch.manual_seed(config.seed + 1)
+    tokenizer = processor.tokenizer
+    model = build_llava(config.sizes, tokenizer)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.to(device)
+    model.model.vision_tower.requires_grad_(False).eval()
+    data = build_instructions(config, processor)
+    features = tower_features(model, config, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=0.0)
+    state = _load_state(work / "stage2.pt", config)
+    start, seconds = 0, 0.0
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, seconds = state["step"], state["seconds"]
+    model.model.language_model.train()
+    began = time.perf_counter() - seconds
+    counts = {"rec": round(config.stage2_batch * config.rec_fraction),
+              "caption": round(config.stage2_batch * config.caption_fraction)}
+    counts["vqa"] = config.stage2_batch - counts["rec"] - counts["caption"]
+    for step in tqdm(range(start, config.stage2_steps), initial=start, total=config.stage2_steps,
+                     desc="stage 2 (projector + LLM)", disable=not progress):
+        rng = np.random.default_rng([config.seed, step])  # a resumed run draws the batches it would have
+        rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
+        lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ids, labels, mask = (t.to(device) for t in instruction_batch(rows, data, tokenizer.pad_token_id))
+        scene_features = features[[data.scene[row] for row in rows]].to(device)
+        with autocast(device, config.precision):
+            loss = instruction_loss(model, scene_features, ids, labels, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        log.write("stage2", step, loss.item(), lr, time.perf_counter() - began)
+        if (step + 1) % config.save_every == 0 or step + 1 == config.stage2_steps:
+            _save_state(work / "stage2.pt", config, step + 1, model, optimizer,
+                        seconds=time.perf_counter() - began)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------ main
+def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
+          stage1_only: bool = False) -> Path | None:
+    """Run both stages (resuming what `work` holds) and save the miniature to `out`.
+
+    With `stage1_only` stop once the tower is trained (its state stays in `work`; nothing is saved to `out`).
+    """
+    if config.tower not in TOWERS:
+        raise SystemExit(f"--tower {config.tower!r}: choose one of {TOWERS}")
+    work.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    tokenizer = build_tokenizer()
+    processor = build_processor(config.sizes, tokenizer)
+    resume = {stage: _load_state(work / f"{stage}.pt", config)["step"]
+              for stage in ("stage1", "stage2") if (work / f"{stage}.pt").is_file()}
+    log = Log(work / "log.csv", resume)
+    clip = train_tower(config, tokenizer, work, log, device=device, progress=progress)
+    if stage1_only:
+        return None
+    model = train_llm(config, clip, processor, work, log, device=device, progress=progress)
+    save_llava_checkpoint(model.to("cpu", torch.float32), processor, out)
+    shutil.copyfile(work / "log.csv", out / "training_log.csv")
+    stages = {row["stage"]: float(row["seconds"]) for row in csv.DictReader((work / "log.csv").open())}
+    training = {"config": asdict(config), "device": describe(device), "seconds": stages,
+                "torch": torch.__version__}
+    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
+    return out
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m minillava.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint directory to write (llava-hf layout)")
+    parser.add_argument("--work", type=Path, help="logs and resumable state (default: <out>.work)")
+    parser.add_argument("--eval-data", type=Path, help="the evaluation split (minillava.split) to measure and card")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--stage1-only", action="store_true", help="train the vision tower, then stop")
+    defaults = TrainConfig()
+    for name, value in asdict(defaults).items():
+        if name != "text_tower":
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**options)
+    work = args.work or args.out.with_suffix(".work")
+    out = train(config, args.out, work, progress=not args.no_progress, stage1_only=args.stage1_only)
+    if out is None:
+        print(f"stage 1 done: {work / 'stage1.pt'}")
+        return 0
+    if args.eval_data:
+        from minillava.card import evaluate_and_card
+
+        evaluate_and_card(out, args.eval_data)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Training the miniature: the training path is the evaluation path, runs repeat, and resume exactly."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mllm
+from grounding.data import load_dataset
+from grounding.prompts import prompt_style
+from grounding.runner import run_evaluation
+from minillava import train as training
+from minillava.model import PRESETS, build_tokenizer
+from minillava.split import write_eval_split
+from minillava.train import (
+    TrainConfig,
+    instruction_batch,
+    instruction_loss,
+    instruction_texts,
+    to_pixels,
+    tokenize_instructions,
+)
+from minillava.world import make_scene
+
+
+def tiny_config(**changes):
+    options = {"preset": "test", "stage1_steps": 20, "stage1_batch": 8, "stage2_steps": 100, "stage2_batch": 8,
+               "train_scenes": 24, "warmup": 5, "save_every": 10, "precision": "fp32", "device": "cpu"}
+    return TrainConfig(**{**options, **changes})
+
+
+def losses(work):
+    return [(row["stage"], int(row["step"]), float(row["loss"])) for row in csv.DictReader((work / "log.csv").open())]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minillava")
+    out = training.train(tiny_config(), root / "model", root / "work", progress=False)
+    return out, root / "work"
+
+
+def test_tokenizer_keeps_digits_apart_and_round_trips():
+    tokenizer = build_tokenizer()
+    answer = "[0.14, 0.53, 0.41, 0.86]"
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    assert len(ids) == 24  # brackets, 4 x "0" "." d d, 3 x "," "▁"
+    assert tokenizer.decode(ids) == answer
+    words = tokenizer("the purple triangle above the red cross", add_special_tokens=False).input_ids
+    assert len(words) == 7  # one token per word of the world
+    odd = "Zebra? 12 #$%"
+    assert tokenizer.decode(tokenizer(odd, add_special_tokens=False).input_ids) == odd
+
+
+def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
+    out, _ = trained
+    model = mllm.load(out, device="cpu", dtype="float32")
+    size, grid = PRESETS["test"].image_size, PRESETS["test"].grid
+    texts = instruction_texts(7, size)
+    scene = make_scene(7, size)
+    data = tokenize_instructions(model.processor, [(0, *item) for item in texts], grid[0] * grid[1])
+    for row, (_, text, answer) in enumerate(texts):
+        encoding = model.encode([scene.render()], [text])
+        assert encoding.input_ids[0].tolist() == data.ids[row][: data.starts[row]]
+        answer_ids = data.ids[row][data.starts[row] :]
+        assert answer_ids[-1] == model.processor.tokenizer.eos_token_id
+        assert model.processor.tokenizer.decode(answer_ids, skip_special_tokens=True) == answer
+    assert {task for task, _, _ in texts} == {"rec", "vqa", "caption"}
+    pixels = to_pixels([scene.render()])
+    assert torch.equal(pixels, encoding.pixel_values)
+    rows = np.arange(len(texts))
+    ids, labels, mask = instruction_batch(rows, data, model.processor.tokenizer.pad_token_id)
+    features = model.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    with torch.no_grad():
+        ours = instruction_loss(model.model, features.expand(len(rows), -1, -1), ids, labels, mask)
+        reference = model.model(input_ids=ids, pixel_values=pixels.expand(len(rows), -1, -1, -1),
+                                attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(ours, reference)
+
+
+def test_same_seed_same_loss_curve_other_seed_another(trained, tmp_path):
+    _, work = trained
+    first = losses(work)
+    assert len([row for row in first if row[0] == "stage2"]) == 100
+    training.train(tiny_config(), tmp_path / "again", tmp_path / "again-work", progress=False)
+    assert losses(tmp_path / "again-work") == first
+    training.train(tiny_config(seed=1), tmp_path / "other", tmp_path / "other-work", progress=False)
+    assert losses(tmp_path / "other-work") != first
+
+
+def test_a_killed_run_resumes_to_the_same_curve(trained, tmp_path, monkeypatch):
+    _, work = trained
+    real_loss, calls = training.instruction_loss, {"n": 0}
+
+    def dies_at_step_35(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 35:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "instruction_loss", dies_at_step_35)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(tiny_config(), tmp_path / "model", tmp_path / "work", progress=False)
+    assert torch.load(tmp_path / "work" / "stage2.pt", weights_only=False)["step"] == 30
+    monkeypatch.setattr(training, "instruction_loss", real_loss)
+    training.train(tiny_config(), tmp_path / "model", tmp_path / "work", progress=False)
+    assert losses(tmp_path / "work") == losses(work)
+
+
+def test_resuming_with_another_configuration_is_refused(trained, tmp_path):
+    _, work = trained
+    with pytest.raises(SystemExit, match="another configuration"):
+        training.train(tiny_config(stage2_lr=0.5), tmp_path / "model", work, progress=False)
+
+
+def test_a_new_stage_2_reuses_the_trained_tower(trained, tmp_path):
+    _, work = trained
+    (tmp_path / "work").mkdir()
+    for name in ("stage1.pt", "log.csv"):
+        (tmp_path / "work" / name).write_bytes((work / name).read_bytes())
+    assert training.train(tiny_config(), tmp_path / "model", tmp_path / "work", progress=False,
+                          stage1_only=True) is None
+    assert not (tmp_path / "model").exists()
+    training.train(tiny_config(stage2_steps=10, stage2_lr=3e-3), tmp_path / "model", tmp_path / "work",
+                   progress=False)
+    stage1 = [row for row in losses(tmp_path / "work") if row[0] == "stage1"]
+    assert stage1 == [row for row in losses(work) if row[0] == "stage1"]
+    with pytest.raises(SystemExit, match="another configuration"):
+        training.train(tiny_config(stage1_lr=0.5), tmp_path / "model", tmp_path / "work", progress=False)
+
+
+def test_the_miniature_is_a_llava_checkpoint_evaluated_like_one(trained, tmp_path):
+    out, _ = trained
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["preset"] == "test" and record["seconds"]["stage2"] > 0
+    write_eval_split(tmp_path / "split", rec_scenes=4, vqa_scenes=2, size=PRESETS["test"].image_size)
+    model = mllm.load(out, device="cpu", dtype="float32")
+    for task in ("rec", "vqa"):
+        dataset = load_dataset("jsonl", tmp_path / "split" / task, "val")
+        summary = run_evaluation(model, dataset, tmp_path / task, prompt_style("llava-1.5"), progress=False,
+                                 resamples=10)
+        assert summary["n_samples"] == len(dataset) and summary["n_errors"] == 0
+        record = json.loads((tmp_path / task / "samples.jsonl").read_text().splitlines()[0])
+        assert record["meta"]["kind"]
