@@ -39,6 +39,7 @@ from minillava.world import (
     make_scene,
     referring_expressions,
     vqa_questions,
+    with_new_shapes,
 )
 from mllm.loading import resolve_device
 from mllm.prompts import build_prompt
@@ -60,6 +61,7 @@ class TrainConfig:
     stage1_steps: int = 600
     stage1_batch: int = 128
     stage1_lr: float = 1e-3
+    stage1_group: int = 4  # scenes per hard-negative group (same places and colours, new shapes)
     spatial_weight: float = 0.3
     stage2_steps: int = 3200
     stage2_batch: int = 64
@@ -113,7 +115,7 @@ class Log:
             csv.writer(handle).writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.2f}"])
 
 
-STAGE1_FIELDS = ("tower", "preset", "seed", "precision", "stage1_steps", "stage1_batch", "stage1_lr",
+STAGE1_FIELDS = ("tower", "preset", "seed", "precision", "stage1_steps", "stage1_batch", "stage1_lr", "stage1_group",
                  "spatial_weight", "warmup", "text_tower")
 
 
@@ -142,10 +144,19 @@ def _save_state(path: Path, config: TrainConfig, step: int, model: torch.nn.Modu
 
 # -------------------------------------------------------------------------------------- stage 1
 def caption_batch(step: int, config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> tuple:
-    size = config.sizes.image_size
-    seeds = [TRAIN_SEED_OFFSET * 10 + step * config.stage1_batch + i for i in range(config.stage1_batch)]
-    scenes = [make_scene(seed + config.seed * 10**9, size) for seed in seeds]
-    texts = [caption(scene, random.Random(scene.seed)) for scene in scenes]
+    """Scenes in groups that differ only in their shapes, so that colours alone cannot match captions.
+
+    Without these hard negatives the colour sets nearly identify a caption within a batch, and the
+    tower learns colour but hardly shape.
+    """
+    size, group = config.sizes.image_size, config.stage1_group
+    scenes = []
+    for slot in range(0, config.stage1_batch, group):
+        seed = TRAIN_SEED_OFFSET * 10 + config.seed * 10**9 + step * config.stage1_batch + slot
+        scene, rng = make_scene(seed, size), random.Random(seed)
+        scenes += [scene] + [with_new_shapes(scene, rng) for _ in range(group - 1)]
+    scenes = scenes[: config.stage1_batch]
+    texts = [caption(scene, random.Random(scene.seed + index)) for index, scene in enumerate(scenes)]
     keep = config.text_tower.max_length - 1
     ids = [[*tokenizer(text).input_ids[:keep], tokenizer.eos_token_id] for text in texts]
     lengths = torch.tensor([len(row) for row in ids])

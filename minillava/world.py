@@ -91,6 +91,12 @@ def make_scene(seed: int, size: int = 64, *, min_objects: int = 2, max_objects: 
     return Scene(size=size, objects=tuple(objects), seed=seed)
 
 
+def with_new_shapes(scene: Scene, rng: random.Random) -> Scene:
+    """The same scene (places, colours, background) with every object's shape drawn again."""
+    objects = tuple(SceneObject(rng.choice(SHAPES), obj.color, obj.box) for obj in scene.objects)
+    return Scene(size=scene.size, objects=objects, seed=scene.seed)
+
+
 def _apart(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from grounding.boxes import parse_box
 from grounding.data import load_dataset
@@ -23,6 +24,7 @@ from minillava.world import (
     resolve,
     shape_mask,
     vqa_questions,
+    with_new_shapes,
 )
 
 SEEDS = range(400)
@@ -144,6 +146,21 @@ def test_eval_split_loads_through_grounding_with_kinds(tmp_path):
         assert resolve(sample.text, make_scene(seed, 32)) != []
 
 
+def test_caption_batches_hold_groups_that_differ_only_in_shape():
+    from minillava.model import build_tokenizer
+    from minillava.train import TrainConfig, caption_batch
+
+    config = TrainConfig(preset="test", stage1_batch=8, stage1_group=4)
+    tokenizer = build_tokenizer()
+    pixels, ids, lengths = caption_batch(3, config, tokenizer)
+    assert pixels.shape == (8, 3, 32, 32) and ids.shape[0] == 8
+    captions = [tokenizer.decode(row[:n - 1]) for row, n in zip(ids.tolist(), lengths.tolist())]
+    for group in (captions[:4], captions[4:]):
+        colours = [sorted(re.findall(r"a (\w+) ", text)) for text in group]
+        assert all(c == colours[0] for c in colours)
+    assert not torch.equal(pixels[0], pixels[4])
+
+
 def test_shipped_split_is_what_the_generator_writes(tmp_path, repo_root):
     shipped = repo_root / "data" / "minillava" / "eval"
     description = json.loads((shipped / "split.json").read_text())
@@ -157,3 +174,18 @@ def test_shipped_split_is_what_the_generator_writes(tmp_path, repo_root):
 
         assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / name)),
                               np.asarray(Image.open(shipped / "images" / name)))
+
+
+def test_shape_variants_keep_places_colours_and_background():
+    scene = make_scene(21)
+    rng = random.Random(0)
+    variants = [with_new_shapes(scene, rng) for _ in range(8)]
+    for variant in variants:
+        assert [(o.color, o.box) for o in variant.objects] == [(o.color, o.box) for o in scene.objects]
+    assert len({tuple(o.shape for o in v.objects) for v in variants}) > 1
+    outside = np.ones((64, 64), dtype=bool)  # the background, noise included, is the same picture
+    for obj in scene.objects:
+        x1, y1, x2, y2 = obj.box
+        outside[y1:y2, x1:x2] = False
+    original = np.asarray(render(scene))
+    assert all(np.array_equal(np.asarray(render(v))[outside], original[outside]) for v in variants)
