@@ -134,6 +134,17 @@ def _load_state(path: Path, config: TrainConfig) -> dict | None:
     return state
 
 
+def _resume(path: Path, config: TrainConfig, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Load the saved state into `model` and `optimizer`; (step to start from, seconds already spent)."""
+    state = _load_state(path, config)
+    if state is None:
+        return 0, 0.0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["seconds"]
+
+
 def _save_state(path: Path, config: TrainConfig, step: int, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, *, seconds: float) -> None:
     state = {"config": stage_config(config, path.stem), "step": step, "model": model.state_dict(),
@@ -205,12 +216,7 @@ def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: P
     heads = PositionHeads(config.sizes.vision_hidden, patches) if config.tower == "spatial" else None
     modules = torch.nn.ModuleList([clip, *([heads] if heads else [])]).to(device)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.stage1_lr, weight_decay=0.05)
-    state = _load_state(work / "stage1.pt", config)
-    start, seconds = 0, 0.0
-    if state:
-        modules.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, seconds = state["step"], state["seconds"]
+    start, seconds = _resume(work / "stage1.pt", config, modules, optimizer)
     clip.train()
     began = time.perf_counter() - seconds
     for step in tqdm(range(start, config.stage1_steps), initial=start, total=config.stage1_steps,
@@ -338,12 +344,7 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
     features = tower_features(model, config, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=0.0)
-    state = _load_state(work / "stage2.pt", config)
-    start, seconds = 0, 0.0
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, seconds = state["step"], state["seconds"]
+    start, seconds = _resume(work / "stage2.pt", config, model, optimizer)
     model.model.language_model.train()
     began = time.perf_counter() - seconds
     counts = {"rec": round(config.stage2_batch * config.rec_fraction),
