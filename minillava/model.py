@@ -9,7 +9,7 @@ conventions: "▁" marks a word start, every digit is its own token, `<s>` is pr
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
@@ -98,7 +98,3 @@ def build_llava(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> L
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def sizes_dict(sizes: TinyLlavaConfig) -> dict:
-    return asdict(sizes)
