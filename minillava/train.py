@@ -20,7 +20,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,6 +134,24 @@ def _load_state(path: Path, config: TrainConfig) -> dict | None:
     return state
 
 
+def _update(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
+            lr: float) -> None:
+    """One AdamW step at learning rate `lr`, gradients clipped to norm 1."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
+def _save_if_due(path: Path, config: TrainConfig, done: int, total: int, *, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, began: float) -> None:
+    """Save every `save_every` steps and after the last one."""
+    if done % config.save_every == 0 or done == total:
+        _save_state(path, config, done, model, optimizer, seconds=time.perf_counter() - began)
+
+
 def _resume(path: Path, config: TrainConfig, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer) -> tuple[int, float]:
     """Load the saved state into `model` and `optimizer`; (step to start from, seconds already spent)."""
@@ -222,20 +240,14 @@ def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: P
     for step in tqdm(range(start, config.stage1_steps), initial=start, total=config.stage1_steps,
                      desc=f"stage 1 ({config.tower} tower)", disable=not progress):
         lr = learning_rate(step, config.stage1_steps, config.stage1_lr, config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         pixels, ids, lengths = (t.to(device) for t in caption_batch(step, config, tokenizer))
         with autocast(device, config.precision):
             loss, aux = contrastive_loss(clip, pixels, ids, lengths, heads)
         total = loss + config.spatial_weight * aux
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        optimizer.step()
+        _update(total, optimizer, modules.parameters(), lr)
         log.write("stage1", step, total.item(), lr, time.perf_counter() - began)
-        if (step + 1) % config.save_every == 0 or step + 1 == config.stage1_steps:
-            _save_state(work / "stage1.pt", config, step + 1, modules, optimizer,
-                        seconds=time.perf_counter() - began)
+        _save_if_due(work / "stage1.pt", config, step + 1, config.stage1_steps, model=modules,
+                     optimizer=optimizer, began=began)
     return clip.eval()
 
 
@@ -355,20 +367,14 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
         rng = np.random.default_rng([config.seed, step])  # a resumed run draws the batches it would have
         rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
         lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         ids, labels, mask = (t.to(device) for t in instruction_batch(rows, data, tokenizer.pad_token_id))
         scene_features = features[[data.scene[row] for row in rows]].to(device)
         with autocast(device, config.precision):
             loss = instruction_loss(model, scene_features, ids, labels, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        _update(loss, optimizer, trainable, lr)
         log.write("stage2", step, loss.item(), lr, time.perf_counter() - began)
-        if (step + 1) % config.save_every == 0 or step + 1 == config.stage2_steps:
-            _save_state(work / "stage2.pt", config, step + 1, model, optimizer,
-                        seconds=time.perf_counter() - began)
+        _save_if_due(work / "stage2.pt", config, step + 1, config.stage2_steps, model=model,
+                     optimizer=optimizer, began=began)
     return model.eval()
 
 
