@@ -99,13 +99,16 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 
 
 class Log:
-    """Appends one CSV row per logged step; a resumed run keeps the rows it already has."""
+    """Appends one CSV row per logged step; a resumed stage keeps the rows before its saved step."""
 
-    def __init__(self, path: Path, resume_from: dict[str, int]) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        rows = list(csv.DictReader(path.open())) if path.is_file() else []
-        keep = [row for row in rows if int(row["step"]) < resume_from.get(row["stage"], 0)]
-        with path.open("w", newline="") as handle:
+
+    def resume(self, stage: str, start: int) -> None:
+        """Drop `stage`'s rows from step `start` on (those after the last save will be logged again)."""
+        rows = list(csv.DictReader(self.path.open())) if self.path.is_file() else []
+        keep = [row for row in rows if row["stage"] != stage or int(row["step"]) < start]
+        with self.path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["stage", "step", "loss", "lr", "seconds"])
             writer.writeheader()
             writer.writerows(keep)
@@ -235,6 +238,7 @@ def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: P
     modules = torch.nn.ModuleList([clip, *([heads] if heads else [])]).to(device)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.stage1_lr, weight_decay=0.05)
     start, seconds = _resume(work / "stage1.pt", config, modules, optimizer)
+    log.resume("stage1", start)
     clip.train()
     began = time.perf_counter() - seconds
     for step in tqdm(range(start, config.stage1_steps), initial=start, total=config.stage1_steps,
@@ -352,11 +356,12 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     model.to(device)
     model.model.vision_tower.requires_grad_(False).eval()
-    data = build_instructions(config, processor)
-    features = tower_features(model, config, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=0.0)
-    start, seconds = _resume(work / "stage2.pt", config, model, optimizer)
+    start, seconds = _resume(work / "stage2.pt", config, model, optimizer)  # refuses a mismatch before the slow part
+    log.resume("stage2", start)
+    data = build_instructions(config, processor)
+    features = tower_features(model, config, device)
     model.model.language_model.train()
     began = time.perf_counter() - seconds
     counts = {"rec": round(config.stage2_batch * config.rec_fraction),
@@ -391,9 +396,7 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
     device = resolve_device(config.device)
     tokenizer = build_tokenizer()
     processor = build_processor(config.sizes, tokenizer)
-    resume = {stage: _load_state(work / f"{stage}.pt", config)["step"]
-              for stage in ("stage1", "stage2") if (work / f"{stage}.pt").is_file()}
-    log = Log(work / "log.csv", resume)
+    log = Log(work / "log.csv")
     clip = train_tower(config, tokenizer, work, log, device=device, progress=progress)
     if stage1_only:
         return None
