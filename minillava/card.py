@@ -16,6 +16,7 @@ import csv
 import json
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import mllm
@@ -24,6 +25,7 @@ from grounding.prompts import default_style_for
 from grounding.records import MERGED, read_records
 from grounding.runner import run_evaluation
 from grounding.summary import summarize
+from minillava.train import TrainConfig
 
 
 def by_kind(run: Path, task: str) -> dict[str, dict]:
@@ -46,6 +48,14 @@ def evaluate(checkpoint: Path, eval_data: Path, results: Path, *, batch_size: in
         evaluation[task] = {"summary": {key: summary[key] for key in ("n_samples", "n_errors", "metrics")},
                             "by_kind": by_kind(run, task), "results": str(run)}
     return evaluation
+
+
+def train_flags(config: dict) -> str:
+    """The `minillava.train` options that reproduce `config`: the tower and every setting off its default."""
+    defaults = asdict(TrainConfig())
+    changed = {key: value for key, value in config.items() if key != "tower" and value != defaults.get(key)}
+    flags = [f"--{key.replace('_', '-')} {value}" for key, value in changed.items()]
+    return " ".join([f"--tower {config['tower']}", *flags])
 
 
 def _metric(metrics: dict, name: str) -> str:
@@ -85,19 +95,19 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "## Training",
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
         f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min.",
-        f"- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, loss on "
-        f"answers only; {config['stage2_steps']} steps x {config['stage2_batch']} queries "
-        f"({config['rec_fraction']:.0%} REC) from {config['train_scenes']} scenes, lr {config['stage2_lr']}; "
+        f"- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
+        f"captions; loss on answers only; {config['stage2_steps']} steps x {config['stage2_batch']} queries "
+        f"({config['rec_fraction']:.0%} REC, {config['caption_fraction']:.0%} captions, the rest VQA) from "
+        f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "
         f"{seconds.get('stage2', 0) / 60:.1f} min.",
         f"- Device: {training['device']}; precision {config['precision']}; seed {config['seed']}; preset "
         f"`{config['preset']}`; torch {training['torch']}.",
         f"- Final training loss: stage 1 {last.get('stage1', float('nan')):.3f}, stage 2 "
         f"{last.get('stage2', float('nan')):.4f} (`training_log.csv`).",
-        f"- Reproduce: `python -m minillava.train --tower {config['tower']} --preset {config['preset']} "
-        f"--seed {config['seed']} --out <dir>`.",
+        f"- Reproduce: `python -m minillava.train {train_flags(config)} --out <dir>`.",
         "",
         f"## Evaluation on `{eval_data}` (shipped split, scenes never seen in training)",
-        f"Measured with `python -m minillava.card {checkpoint} --eval-data {eval_data}` (greedy decoding, "
+        f"Measured with `python -m minillava.card {checkpoint} --eval-data {eval_data} --write-card` (greedy decoding, "
         "prompt style `llava-1.5`, 95% bootstrap intervals).",
         "",
         "| task | n | metric | value [95% CI] |",

@@ -145,3 +145,14 @@ def test_the_miniature_is_a_llava_checkpoint_evaluated_like_one(trained, tmp_pat
         assert summary["n_samples"] == len(dataset) and summary["n_errors"] == 0
         record = json.loads((tmp_path / task / "samples.jsonl").read_text().splitlines()[0])
         assert record["meta"]["kind"]
+
+
+def test_the_cards_reproduce_line_rebuilds_the_configuration():
+    from dataclasses import asdict
+
+    from minillava.card import train_flags
+
+    config = tiny_config(tower="spatial", stage2_lr=3e-3)
+    args = training.parse_args([*train_flags(asdict(config)).split(), "--out", "x"])
+    rebuilt = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    assert rebuilt == config
