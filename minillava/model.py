@@ -44,18 +44,28 @@ class TextTowerConfig:
     max_length: int = 48
 
 
-def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7) -> list[str]:
-    """Text the tokenizer is trained on: prompts as the LLaVA-1.5 style words them, answers, captions."""
+CAPTION_PROMPT = "Provide a brief description of the given image."  # one of LLaVA's caption instructions
+
+
+def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
+    """(task, user text, answer) for every query about one scene.
+
+    REC and VQA are worded as the llava-1.5 prompt style asks at evaluation; captions, LLaVA's
+    alignment data, name what the image holds and never where.
+    """
     style = prompt_style("llava-1.5")
-    lines = []
-    for scene_seed in range(seed, seed + count):
-        scene, rng = make_scene(scene_seed, size), random.Random(scene_seed)
-        for ref in referring_expressions(scene, rng):
-            lines.append(style.text("rec", ref.text) + " ASSISTANT: " + box_answer(scene.objects[ref.target].box, size))
-        for question in vqa_questions(scene, rng):
-            lines.append(style.text("vqa", question.text) + " ASSISTANT: " + question.answer)
-        lines.append(caption(scene, rng))
-    return ["USER: \n" + line if "ASSISTANT" in line else line for line in lines]
+    scene, rng = make_scene(seed, size), random.Random(seed)
+    items = [("rec", style.text("rec", ref.text), box_answer(scene.objects[ref.target].box, size))
+             for ref in referring_expressions(scene, rng)]
+    items += [("vqa", style.text("vqa", q.text), q.answer) for q in vqa_questions(scene, rng)]
+    items.append(("caption", CAPTION_PROMPT, caption(scene, rng)))
+    return items
+
+
+def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7) -> list[str]:
+    """Text the tokenizer is trained on: every instruction in the chat wording, with its answer."""
+    return [f"USER: \n{text} ASSISTANT: {answer}"
+            for scene_seed in range(seed, seed + count) for _, text, answer in instruction_texts(scene_seed, size)]
 
 
 def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:

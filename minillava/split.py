@@ -21,7 +21,7 @@ from minillava.world import make_scene, referring_expressions, vqa_questions
 KINDS = ("attribute", "relational", "absolute")
 
 
-def write_eval_split(out: str | Path, *, rec_scenes: int = 400, vqa_scenes: int = 300, size: int = 64,
+def write_eval_split(out: str | Path, *, rec_scenes: int = 440, vqa_scenes: int = 300, size: int = 64,
                      seed: int = 0, split: str = "val") -> dict:
     """Write the split under `out` and return its description (also written as `split.json`)."""
     out = Path(out)
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minillava.split", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--rec-scenes", type=int, default=400)
+    parser.add_argument("--rec-scenes", type=int, default=440)
     parser.add_argument("--vqa-scenes", type=int, default=300)
     parser.add_argument("--size", type=int, default=64, help="scene side in pixels (the preset's image size)")
     parser.add_argument("--seed", type=int, default=0)

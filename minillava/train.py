@@ -30,15 +30,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-from grounding.prompts import prompt_style
-from minillava.model import PRESETS, TextTowerConfig, build_clip, build_llava, build_tokenizer
+from minillava.model import (
+    PRESETS,
+    TextTowerConfig,
+    build_clip,
+    build_llava,
+    build_tokenizer,
+    instruction_texts,
+)
 from minillava.world import (
     TRAIN_SEED_OFFSET,
-    box_answer,
     caption,
     make_scene,
-    referring_expressions,
-    vqa_questions,
     with_new_shapes,
 )
 from mllm.loading import resolve_device
@@ -48,7 +51,6 @@ from mllm.tiny import CLIP_MEAN, CLIP_STD, TinyLlavaConfig, build_processor, sav
 TOWERS = ("contrastive", "spatial")
 IGNORE = -100
 TASKS = ("rec", "vqa", "caption")
-CAPTION_PROMPT = "Provide a brief description of the given image."  # one of LLaVA's caption instructions
 
 
 @dataclass
@@ -58,12 +60,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast, or fp32
-    stage1_steps: int = 600
+    stage1_steps: int = 1500
     stage1_batch: int = 128
     stage1_lr: float = 1e-3
     stage1_group: int = 4  # scenes per hard-negative group (same places and colours, new shapes)
     spatial_weight: float = 0.3
-    stage2_steps: int = 3200
+    stage2_steps: int = 3000
     stage2_batch: int = 64
     stage2_lr: float = 1.5e-3
     train_scenes: int = 20000
@@ -268,21 +270,6 @@ class Instructions:
 
 def train_seed(config: TrainConfig, index: int) -> int:
     return TRAIN_SEED_OFFSET + config.seed * 10**8 + index
-
-
-def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
-    """(task, user text, answer) for every query about one scene.
-
-    REC and VQA are worded as the llava-1.5 prompt style asks at evaluation; captions, LLaVA's
-    alignment data, name what the image holds and never where.
-    """
-    style = prompt_style("llava-1.5")
-    scene, rng = make_scene(seed, size), random.Random(seed)
-    items = [("rec", style.text("rec", ref.text), box_answer(scene.objects[ref.target].box, size))
-             for ref in referring_expressions(scene, rng)]
-    items += [("vqa", style.text("vqa", q.text), q.answer) for q in vqa_questions(scene, rng)]
-    items.append(("caption", CAPTION_PROMPT, caption(scene, rng)))
-    return items
 
 
 def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str, str]],

@@ -73,15 +73,23 @@ class Question:
 
 
 # ---------------------------------------------------------------------------------------- scenes
-def make_scene(seed: int, size: int = 64, *, min_objects: int = 2, max_objects: int = 4,
+def make_scene(seed: int, size: int = 64, *, min_objects: int = 2, max_objects: int = 3,
                min_side: int | None = None, max_side: int | None = None) -> Scene:
-    """Place 2-4 shapes (sides ~22-38% of the image) at random, at least 2 px apart."""
+    """Place 2-3 shapes (sides ~30-46% of the image, 2.4-3.7 patches of 8 px at 64 px) at least 2 px apart.
+
+    Objects span several patches, as a RefCOCO object spans several of CLIP's: a shape must be legible
+    from patch features, and a box must be reachable to IoU 0.5 from where those patches are.
+    """
     rng = random.Random(seed)
-    min_side = min_side or round(0.22 * size)
-    max_side = max_side or round(0.38 * size)
+    min_side = min_side or round(0.30 * size)
+    max_side = max_side or round(0.46 * size)
     count = rng.randint(min_objects, max_objects)
     objects: list[SceneObject] = []
+    attempts = 0
     while len(objects) < count:
+        attempts += 1
+        if attempts > 200:  # the first objects left no room: start the layout again
+            objects, attempts = [], 0
         width = rng.randint(min_side, max_side)
         height = max(min_side, min(max_side, round(width * rng.uniform(0.75, 1.33))))
         x1, y1 = rng.randint(0, size - width), rng.randint(0, size - height)

@@ -12,13 +12,12 @@ from grounding.data import load_dataset
 from grounding.prompts import prompt_style
 from grounding.runner import run_evaluation
 from minillava import train as training
-from minillava.model import PRESETS, build_tokenizer
+from minillava.model import PRESETS, build_tokenizer, instruction_texts
 from minillava.split import write_eval_split
 from minillava.train import (
     TrainConfig,
     instruction_batch,
     instruction_loss,
-    instruction_texts,
     to_pixels,
     tokenize_instructions,
 )
