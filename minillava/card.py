@@ -27,6 +27,8 @@ from grounding.runner import run_evaluation
 from grounding.summary import summarize
 from minillava.train import TrainConfig
 
+PRESET_MEANING = {"cpu": "the CPU size", "gpu": "the larger size, for a GPU", "test": "the test size"}
+
 
 def by_kind(run: Path, task: str) -> dict[str, dict]:
     """The run's metrics per `meta.kind` (the split writes one)."""
@@ -101,7 +103,7 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "
         f"{seconds.get('stage2', 0) / 60:.1f} min.",
         f"- Device: {training['device']}; precision {config['precision']}; seed {config['seed']}; preset "
-        f"`{config['preset']}`; torch {training['torch']}.",
+        f"`{config['preset']}` ({PRESET_MEANING.get(config['preset'], 'custom')}); torch {training['torch']}.",
         f"- Final training loss: stage 1 {last.get('stage1', float('nan')):.3f}, stage 2 "
         f"{last.get('stage2', float('nan')):.4f} (`training_log.csv`).",
         f"- Reproduce: `python -m minillava.train {train_flags(config)} --out <dir>`.",
