@@ -65,12 +65,12 @@ class TrainConfig:
     stage1_lr: float = 1e-3
     stage1_group: int = 4  # scenes per hard-negative group (same places and colours, new shapes)
     spatial_weight: float = 0.3
-    stage2_steps: int = 3000
+    stage2_steps: int = 8000
     stage2_batch: int = 64
     stage2_lr: float = 1.5e-3
     train_scenes: int = 20000
-    rec_fraction: float = 0.5
-    caption_fraction: float = 0.25  # the rest of each batch is VQA
+    rec_fraction: float = 0.6
+    caption_fraction: float = 0.15  # the rest of each batch is VQA
     warmup: int = 100
     save_every: int = 200
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
