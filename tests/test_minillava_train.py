@@ -156,3 +156,18 @@ def test_the_cards_reproduce_line_rebuilds_the_configuration():
     args = training.parse_args([*train_flags(asdict(config)).split(), "--out", "x"])
     rebuilt = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
     assert rebuilt == config
+
+
+def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
+    from minillava.card import evaluate_and_card
+
+    out, _ = trained
+    write_eval_split(tmp_path / "split", rec_scenes=4, vqa_scenes=2, size=PRESETS["test"].image_size)
+    evaluation = evaluate_and_card(out, tmp_path / "split", tmp_path / "results", device="cpu")
+    card = (out / "README.md").read_text()
+    assert json.loads((out / "evaluation.json").read_text()) == evaluation
+    rec, vqa = evaluation["rec"]["summary"], evaluation["vqa"]["summary"]
+    assert f"| REC | {rec['n_samples']} | ACC@0.5 | {rec['metrics']['acc@0.5']['value']:.3f}" in card
+    assert f"| VQA | {vqa['n_samples']} | accuracy | {vqa['metrics']['accuracy']['value']:.3f}" in card
+    assert set(evaluation["rec"]["by_kind"]) <= {"absolute", "attribute", "relational"}
+    assert "the test size" in card and "--tower contrastive" in card
