@@ -42,7 +42,7 @@ from minillava.world import (
     TRAIN_SEED_OFFSET,
     caption,
     make_scene,
-    with_new_shapes,
+    shape_variants,
 )
 from mllm.loading import resolve_device
 from mllm.prompts import build_prompt
@@ -60,10 +60,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "bf16"  # bf16 autocast, or fp32
-    stage1_steps: int = 1500
+    stage1_steps: int = 4000
     stage1_batch: int = 128
     stage1_lr: float = 1e-3
-    stage1_group: int = 4  # scenes per hard-negative group (same places and colours, new shapes)
+    stage1_group: int = 8  # scenes per hard-negative group (same places and colours, new shapes)
     spatial_weight: float = 0.3
     stage2_steps: int = 6000
     stage2_batch: int = 64
@@ -188,7 +188,7 @@ def caption_batch(step: int, config: TrainConfig, tokenizer: PreTrainedTokenizer
     for slot in range(0, config.stage1_batch, group):
         seed = TRAIN_SEED_OFFSET * 10 + config.seed * 10**9 + step * config.stage1_batch + slot
         scene, rng = make_scene(seed, size), random.Random(seed)
-        scenes += [scene] + [with_new_shapes(scene, rng) for _ in range(group - 1)]
+        scenes += shape_variants(scene, group, rng)
     scenes = scenes[: config.stage1_batch]
     texts = [caption(scene, random.Random(scene.seed + index)) for index, scene in enumerate(scenes)]
     keep = config.text_tower.max_length - 1

@@ -12,6 +12,7 @@ so the contrastive stage gives the vision tower no reason to keep patch position
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -99,10 +100,20 @@ def make_scene(seed: int, size: int = 64, *, min_objects: int = 2, max_objects: 
     return Scene(size=size, objects=tuple(objects), seed=seed)
 
 
-def with_new_shapes(scene: Scene, rng: random.Random) -> Scene:
-    """The same scene (places, colours, background) with every object's shape drawn again."""
-    objects = tuple(SceneObject(rng.choice(SHAPES), obj.color, obj.box) for obj in scene.objects)
-    return Scene(size=scene.size, objects=objects, seed=scene.seed)
+def shape_variants(scene: Scene, count: int, rng: random.Random) -> list[Scene]:
+    """`scene` then `count - 1` copies (places, colours, background kept) whose shape tuples all differ.
+
+    Distinct, so that no two scenes of a hard-negative group share a caption's content.
+    """
+    others = [shapes for shapes in itertools.product(SHAPES, repeat=len(scene.objects))
+              if list(shapes) != [obj.shape for obj in scene.objects]]
+    if count - 1 > len(others):
+        raise ValueError(f"a scene of {len(scene.objects)} objects has only {len(others) + 1} shape variants, "
+                         f"not {count}")
+    return [scene] + [Scene(size=scene.size, seed=scene.seed,
+                            objects=tuple(SceneObject(shape, obj.color, obj.box)
+                                          for shape, obj in zip(shapes, scene.objects)))
+                      for shapes in rng.sample(others, count - 1)]
 
 
 def _apart(a: tuple[int, ...], b: tuple[int, ...], gap: int) -> bool:

@@ -23,8 +23,8 @@ from minillava.world import (
     render,
     resolve,
     shape_mask,
+    shape_variants,
     vqa_questions,
-    with_new_shapes,
 )
 
 SEEDS = range(400)
@@ -179,10 +179,13 @@ def test_shipped_split_is_what_the_generator_writes(tmp_path, repo_root):
 def test_shape_variants_keep_places_colours_and_background():
     scene = make_scene(21)
     rng = random.Random(0)
-    variants = [with_new_shapes(scene, rng) for _ in range(8)]
+    variants = shape_variants(scene, 8, rng)
+    assert variants[0] is scene and len(variants) == 8
     for variant in variants:
         assert [(o.color, o.box) for o in variant.objects] == [(o.color, o.box) for o in scene.objects]
-    assert len({tuple(o.shape for o in v.objects) for v in variants}) > 1
+    assert len({tuple(o.shape for o in v.objects) for v in variants}) == 8  # no two share a caption's content
+    with pytest.raises(ValueError, match="shape variants"):
+        shape_variants(scene, 4 ** len(scene.objects) + 1, rng)
     outside = np.ones((64, 64), dtype=bool)  # the background, noise included, is the same picture
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.box
