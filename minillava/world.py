@@ -105,8 +105,8 @@ def shape_variants(scene: Scene, count: int, rng: random.Random) -> list[Scene]:
 
     Distinct, so that no two scenes of a hard-negative group share a caption's content.
     """
-    others = [shapes for shapes in itertools.product(SHAPES, repeat=len(scene.objects))
-              if list(shapes) != [obj.shape for obj in scene.objects]]
+    own = tuple(obj.shape for obj in scene.objects)
+    others = [shapes for shapes in itertools.product(SHAPES, repeat=len(own)) if shapes != own]
     if count - 1 > len(others):
         raise ValueError(f"a scene of {len(scene.objects)} objects has only {len(others) + 1} shape variants, "
                          f"not {count}")
