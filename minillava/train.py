@@ -326,10 +326,11 @@ def instruction_batch(rows: np.ndarray, data: Instructions, pad_id: int) -> tupl
 
 
 def instruction_loss(model: LlavaForConditionalGeneration, features: torch.Tensor, ids: torch.Tensor,
-                     labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                     labels: torch.Tensor, mask: torch.Tensor, *, tasks: Sequence[str]) -> torch.Tensor:
     """LLaVA's forward on precomputed tower features: project, merge at the image tokens, run the LLM.
 
-    The loss is each query's mean answer-token cross-entropy, averaged over the queries."""
+    The loss is each task's mean answer-token cross-entropy, weighted by the task's share of the
+    queries (`tasks[i]` is query i's task)."""
     embeds = model.get_input_embeddings()(ids)
     projected = model.model.multi_modal_projector(features.to(embeds.dtype))
     is_image = (ids == model.config.image_token_id)[..., None]
@@ -337,9 +338,18 @@ def instruction_loss(model: LlavaForConditionalGeneration, features: torch.Tenso
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
     targets = labels[:, 1:]
     per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    # Averaged per query, not per token: a token-level mean lets a 25-token box outweigh a one-word
-    # VQA answer 12 to 1, leaving VQA ~3% of the gradient at the default mix.
-    return (per_token.sum(1) / (targets != IGNORE).sum(1)).mean()
+    # A token mean over the whole batch lets a 25-token box outweigh a one-word VQA answer 12 to 1
+    # (VQA got ~3% of the gradient at the default mix); a mean per query divides each box digit's
+    # signal by the box's length. A token mean within each task, weighted by the task's share of
+    # the batch, keeps both: every digit counts, and each task gets its share.
+    answered = (targets != IGNORE).float()
+    tasks = np.asarray(tasks)
+    loss = per_token.new_zeros(())
+    for task in np.unique(tasks):
+        rows = torch.from_numpy(np.flatnonzero(tasks == task)).to(ids.device)
+        share = len(rows) / len(tasks)
+        loss = loss + share * per_token[rows].sum() / answered[rows].sum()
+    return loss
 
 
 def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Path, log: Log, *,
@@ -365,11 +375,12 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
                      desc="stage 2 (projector + LLM)", disable=not progress):
         rng = np.random.default_rng([config.seed, step])  # a resumed run draws the batches it would have
         rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
+        tasks = np.repeat(TASKS, [counts[task] for task in TASKS])
         lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)
         ids, labels, mask = (t.to(device) for t in instruction_batch(rows, data, tokenizer.pad_token_id))
         scene_features = features[[data.scene[row] for row in rows]].to(device)
         with autocast(device, config.precision):
-            loss = instruction_loss(model, scene_features, ids, labels, mask)
+            loss = instruction_loss(model, scene_features, ids, labels, mask, tasks=tasks)
         _update(loss, optimizer, trainable, lr)
         log.write("stage2", step, loss.item(), lr, time.perf_counter() - began)
         _save_if_due(work / "stage2.pt", config, step + 1, config.stage2_steps, model=model,

@@ -73,11 +73,20 @@ def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
     ids, labels, mask = instruction_batch(rows, data, model.processor.tokenizer.pad_token_id)
     features = model.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
     with torch.no_grad():
-        ours = instruction_loss(model.model, features.expand(len(rows), -1, -1), ids, labels, mask)
-        per_query = [model.model(input_ids=ids[[row]], pixel_values=pixels, attention_mask=mask[[row]],
-                                 labels=labels[[row]]).loss for row in rows]
-    # each query's answer weighs the same, however many tokens it has
-    torch.testing.assert_close(ours, torch.stack(per_query).mean())
+        tasks = [task for task, _, _ in texts]
+        ours = instruction_loss(model.model, features.expand(len(rows), -1, -1), ids, labels, mask,
+                               tasks=tasks)
+        expected = 0.0
+        for task in set(tasks):
+            group = [row for row in rows if tasks[row] == task]
+            token_mean = model.model(input_ids=ids[group], pixel_values=pixels.expand(len(group), -1, -1, -1),
+                                     attention_mask=mask[group], labels=labels[group]).loss
+            expected += len(group) / len(rows) * token_mean
+        token_mean = model.model(input_ids=ids, pixel_values=pixels.expand(len(rows), -1, -1, -1),
+                                 attention_mask=mask, labels=labels).loss
+    # a token mean within each task, each task weighted by its share of the queries
+    torch.testing.assert_close(ours, expected)
+    assert abs(ours - token_mean) > 1e-3  # the weighting is not a plain token mean
 
 
 def test_same_seed_same_loss_curve_other_seed_another(trained, tmp_path):
