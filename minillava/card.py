@@ -98,7 +98,8 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
         f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min.",
         f"- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
-        "captions; loss on answers only (each query's answer tokens averaged, then the queries); "
+        "captions; loss on answers only (a token mean within each task, the tasks weighted by their share "
+        "of the batch); "
         f"{config['stage2_steps']} steps x {config['stage2_batch']} queries "
         f"({config['rec_fraction']:.0%} REC, {config['caption_fraction']:.0%} captions, the rest VQA) from "
         f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "

@@ -418,7 +418,8 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
