@@ -65,9 +65,9 @@ class TrainConfig:
     stage1_lr: float = 1e-3
     stage1_group: int = 8  # scenes per hard-negative group (same places and colours, new shapes)
     spatial_weight: float = 0.3
-    stage2_steps: int = 6000
-    stage2_batch: int = 64
-    stage2_lr: float = 1.5e-3
+    stage2_steps: int = 10000
+    stage2_batch: int = 32
+    stage2_lr: float = 5e-4
     train_scenes: int = 20000
     rec_fraction: float = 0.6
     caption_fraction: float = 0.15  # the rest of each batch is VQA
