@@ -82,11 +82,11 @@ def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
             token_mean = model.model(input_ids=ids[group], pixel_values=pixels.expand(len(group), -1, -1, -1),
                                      attention_mask=mask[group], labels=labels[group]).loss
             expected += len(group) / len(rows) * token_mean
-        token_mean = model.model(input_ids=ids, pixel_values=pixels.expand(len(rows), -1, -1, -1),
-                                 attention_mask=mask, labels=labels).loss
+        batch_token_mean = model.model(input_ids=ids, pixel_values=pixels.expand(len(rows), -1, -1, -1),
+                                       attention_mask=mask, labels=labels).loss
     # a token mean within each task, each task weighted by its share of the queries
     torch.testing.assert_close(ours, expected)
-    assert abs(ours - token_mean) > 1e-3  # the weighting is not a plain token mean
+    assert abs(ours - batch_token_mean) > 1e-3  # the weighting is not a plain token mean
 
 
 def test_same_seed_same_loss_curve_other_seed_another(trained, tmp_path):
