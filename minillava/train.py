@@ -371,11 +371,11 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
     counts = {"rec": round(config.stage2_batch * config.rec_fraction),
               "caption": round(config.stage2_batch * config.caption_fraction)}
     counts["vqa"] = config.stage2_batch - counts["rec"] - counts["caption"]
+    tasks = np.repeat(TASKS, [counts[task] for task in TASKS])  # every batch holds its tasks in this order
     for step in tqdm(range(start, config.stage2_steps), initial=start, total=config.stage2_steps,
                      desc="stage 2 (projector + LLM)", disable=not progress):
         rng = np.random.default_rng([config.seed, step])  # a resumed run draws the batches it would have
         rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
-        tasks = np.repeat(TASKS, [counts[task] for task in TASKS])
         lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)
         ids, labels, mask = (t.to(device) for t in instruction_batch(rows, data, tokenizer.pad_token_id))
         scene_features = features[[data.scene[row] for row in rows]].to(device)
