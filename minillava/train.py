@@ -5,7 +5,7 @@
 
 Stage 1 trains a small CLIP contrastively on position-free captions (`--tower spatial` adds a small
 loss that keeps patch position linearly decodable in the tower's last two layers). Stage 2 freezes
-the vision tower and trains projector + Llama on REC and VQA instructions, worded exactly as the
+the vision tower and trains projector + Llama on VQA alone, then on REC, VQA and "where" instructions, worded as the
 `llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only. Each stage logs
 to `<work>/log.csv`, saves its state every `--save-every` steps and resumes from it when rerun.
 With `--eval-data` the finished checkpoint is evaluated through `grounding` and gets a model card.
@@ -50,7 +50,7 @@ from mllm.tiny import CLIP_MEAN, CLIP_STD, TinyLlavaConfig, build_processor, sav
 
 TOWERS = ("contrastive", "spatial")
 IGNORE = -100
-TASKS = ("rec", "vqa", "caption")
+TASKS = ("rec", "vqa", "caption", "where")
 
 
 @dataclass
@@ -69,8 +69,10 @@ class TrainConfig:
     stage2_batch: int = 32
     stage2_lr: float = 5e-4
     train_scenes: int = 20000
-    rec_fraction: float = 0.6
-    caption_fraction: float = 0.15  # the rest of each batch is VQA
+    rec_fraction: float = 0.5
+    caption_fraction: float = 0.125
+    where_fraction: float = 0.1875  # the rest of each batch is VQA
+    vqa_only_steps: int = 1500  # stage 2 opens with VQA alone (see `batch_counts`)
     warmup: int = 100
     save_every: int = 200
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -352,6 +354,25 @@ def instruction_loss(model: LlavaForConditionalGeneration, features: torch.Tenso
     return loss
 
 
+def batch_counts(config: TrainConfig, step: int) -> dict[str, int]:
+    """How many queries of each task stage 2's batch `step` holds.
+
+    Stage 2 opens with VQA alone. Trained on boxes from the start, the LLM settles on a rule that
+    ignores the words (box the top-most, most salient object: right for a third of the queries) and
+    stays there; VQA first builds heads that find an object by its colour and shape, which REC and
+    the "where" questions then reuse to localise the object that the words name.
+    """
+    batch = config.stage2_batch
+    if step < config.vqa_only_steps:
+        return {"rec": 0, "vqa": batch, "caption": 0, "where": 0}
+    counts = {task: round(batch * share) for task, share in
+              (("rec", config.rec_fraction), ("caption", config.caption_fraction), ("where", config.where_fraction))}
+    counts["vqa"] = batch - sum(counts.values())
+    if counts["vqa"] < 0:
+        raise SystemExit("--rec-fraction + --caption-fraction + --where-fraction must not exceed 1")
+    return counts
+
+
 def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Path, log: Log, *,
               device: torch.device, progress: bool = True) -> LlavaForConditionalGeneration:
     torch.manual_seed(config.seed + 1)
@@ -368,12 +389,10 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
     features = tower_features(model, config, device)
     model.model.language_model.train()
     began = time.perf_counter() - seconds
-    counts = {"rec": round(config.stage2_batch * config.rec_fraction),
-              "caption": round(config.stage2_batch * config.caption_fraction)}
-    counts["vqa"] = config.stage2_batch - counts["rec"] - counts["caption"]
-    tasks = np.repeat(TASKS, [counts[task] for task in TASKS])  # every batch holds its tasks in this order
     for step in tqdm(range(start, config.stage2_steps), initial=start, total=config.stage2_steps,
                      desc="stage 2 (projector + LLM)", disable=not progress):
+        counts = batch_counts(config, step)
+        tasks = np.repeat(TASKS, [counts[task] for task in TASKS])  # every batch holds its tasks in this order
         rng = np.random.default_rng([config.seed, step])  # a resumed run draws the batches it would have
         rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
         lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)

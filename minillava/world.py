@@ -301,6 +301,31 @@ def vqa_questions(scene: Scene, rng: random.Random) -> list[Question]:
     return questions
 
 
+CELL_ROWS = ("top", "", "bottom")
+CELL_COLUMNS = ("left", "", "right")
+
+
+def cell_name(obj: SceneObject, size: int) -> str:
+    """The 3x3 cell that holds the object's centre: "top left", "top", ..., "middle", ..., "bottom right"."""
+    x, y = obj.center
+    row, column = min(2, int(3 * y / size)), min(2, int(3 * x / size))
+    return " ".join(word for word in (CELL_ROWS[row], CELL_COLUMNS[column]) if word) or "middle"
+
+
+def where_questions(scene: Scene, rng: random.Random) -> list[Question]:
+    """Training only: "where is the red circle?" -> its cell, for each object that an attribute names.
+
+    A one-word place for an object found by its colour and shape: without it the miniature learns to
+    box the most salient object whatever the words say (see `minillava.train`).
+    """
+    questions = []
+    for obj in scene.objects:
+        options = _attribute(scene, obj)
+        if options:
+            questions.append(Question(f"where is {rng.choice(options)}?", cell_name(obj, scene.size), "where"))
+    return questions
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """"a red circle, a blue square and a green cross", in a random order that carries no position."""
     names = [f"a {o.color} {o.shape}" for o in scene.objects]

@@ -26,7 +26,8 @@ from minillava.world import make_scene
 
 def tiny_config(**changes):
     options = {"preset": "test", "stage1_steps": 20, "stage1_batch": 8, "stage2_steps": 100, "stage2_batch": 8,
-               "train_scenes": 24, "warmup": 5, "save_every": 10, "precision": "fp32", "device": "cpu"}
+               "train_scenes": 24, "warmup": 5, "save_every": 10, "vqa_only_steps": 20, "precision": "fp32",
+               "device": "cpu"}
     return TrainConfig(**{**options, **changes})
 
 
@@ -66,7 +67,7 @@ def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
         answer_ids = data.ids[row][data.starts[row] :]
         assert answer_ids[-1] == model.processor.tokenizer.eos_token_id
         assert model.processor.tokenizer.decode(answer_ids, skip_special_tokens=True) == answer
-    assert {task for task, _, _ in texts} == {"rec", "vqa", "caption"}
+    assert {task for task, _, _ in texts} == {"rec", "vqa", "caption", "where"}
     pixels = to_pixels([scene.render()])
     assert torch.equal(pixels, encoding.pixel_values)
     rows = np.arange(len(texts))
