@@ -90,6 +90,15 @@ def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
     assert abs(ours - batch_token_mean) > 1e-3  # the weighting is not a plain token mean
 
 
+def test_stage2_opens_with_vqa_alone_then_mixes_the_tasks():
+    config = TrainConfig(stage2_batch=32, vqa_only_steps=1500)
+    assert training.batch_counts(config, 0) == training.batch_counts(config, 1499) == {
+        "rec": 0, "vqa": 32, "caption": 0, "where": 0}
+    assert training.batch_counts(config, 1500) == {"rec": 16, "caption": 4, "where": 6, "vqa": 6}
+    with pytest.raises(SystemExit, match="must not exceed 1"):
+        training.batch_counts(TrainConfig(rec_fraction=0.9), 2000)
+
+
 def test_same_seed_same_loss_curve_other_seed_another(trained, tmp_path):
     _, work = trained
     first = losses(work)

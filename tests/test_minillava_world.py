@@ -18,6 +18,7 @@ from minillava.world import (
     SceneObject,
     box_answer,
     caption,
+    cell_name,
     make_scene,
     referring_expressions,
     render,
@@ -25,6 +26,7 @@ from minillava.world import (
     shape_mask,
     shape_variants,
     vqa_questions,
+    where_questions,
 )
 
 SEEDS = range(400)
@@ -120,6 +122,28 @@ def test_vqa_answers_are_right():
             else:
                 color = q.text.removeprefix("what shape is the ").removesuffix(" object?")
                 assert [o.shape for o in scene.objects if o.color == color] == [q.answer]
+
+
+def test_where_questions_name_one_object_by_attribute_and_answer_its_cell():
+    cells = set()
+    for seed in SEEDS:
+        scene = make_scene(seed)
+        questions = where_questions(scene, random.Random(seed))
+        for question in questions:
+            expression = re.fullmatch(r"where is (.+)\?", question.text).group(1)
+            assert not words(expression) & LOCATION_WORDS, question.text  # found by colour and shape alone
+            (target,) = resolve(expression, scene)
+            assert question.answer == cell_name(scene.objects[target], scene.size)
+            cells.add(question.answer)
+    assert len(cells) == 9
+
+
+@pytest.mark.parametrize(("center", "cell"), [((2, 2), "top left"), ((32, 2), "top"), ((62, 32), "right"),
+                                              ((32, 32), "middle"), ((20, 44), "bottom left"),
+                                              ((63, 63), "bottom right")])
+def test_cell_name_reads_the_centre_on_a_3x3_grid(center, cell):
+    x, y = center
+    assert cell_name(SceneObject("circle", "red", (x - 1, y - 1, x + 1, y + 1)), 64) == cell
 
 
 def test_box_answer_is_llava_format_and_parses_back():
