@@ -52,6 +52,15 @@ def evaluate(checkpoint: Path, eval_data: Path, results: Path, *, batch_size: in
     return evaluation
 
 
+def stage2_schedule(config: dict) -> str:
+    """The task mix in words; configurations from before the VQA-first phase lack its fields."""
+    vqa_only, where = config.get("vqa_only_steps", 0), config.get("where_fraction", 0.0)
+    rest = 1 - config["rec_fraction"] - config["caption_fraction"] - where
+    parts = [(config["rec_fraction"], "REC"), (config["caption_fraction"], "captions"), (where, "where"), (rest, "VQA")]
+    mix = ", ".join(f"{100 * share:g}% {task}" for share, task in parts if share)
+    return (f"VQA alone for the first {vqa_only} steps, then {mix}" if vqa_only else mix)
+
+
 def train_flags(config: dict) -> str:
     """The `minillava.train` options that reproduce `config`: the tower and every setting off its default."""
     defaults = asdict(TrainConfig())
@@ -97,11 +106,10 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "## Training",
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
         f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min.",
-        f"- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
-        "captions; loss on answers only (a token mean within each task, the tasks weighted by their share "
-        "of the batch); "
-        f"{config['stage2_steps']} steps x {config['stage2_batch']} queries "
-        f"({config['rec_fraction']:.0%} REC, {config['caption_fraction']:.0%} captions, the rest VQA) from "
+        f"- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, "
+        "captions and training-only \"where is ...?\" questions; loss on answers only (a token mean within each "
+        "task, the tasks weighted by their share of the batch); "
+        f"{config['stage2_steps']} steps x {config['stage2_batch']} queries, {stage2_schedule(config)}, from "
         f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "
         f"{seconds.get('stage2', 0) / 60:.1f} min.",
         f"- Device: {training['device']}; precision {config['precision']}; seed {config['seed']}; preset "

@@ -190,3 +190,4 @@ def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     assert f"| VQA | {vqa['n_samples']} | accuracy | {vqa['metrics']['accuracy']['value']:.3f}" in card
     assert set(evaluation["rec"]["by_kind"]) <= {"absolute", "attribute", "relational"}
     assert "the test size" in card and "--tower contrastive" in card
+    assert "VQA alone for the first 20 steps, then 50% REC, 12.5% captions, 18.75% where, 18.75% VQA" in card
