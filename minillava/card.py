@@ -55,7 +55,7 @@ def evaluate(checkpoint: Path, eval_data: Path, results: Path, *, batch_size: in
 def stage2_schedule(config: dict) -> str:
     """The task mix in words; configurations from before the VQA-first phase lack its fields."""
     vqa_only, where = config.get("vqa_only_steps", 0), config.get("where_fraction", 0.0)
-    rest = 1 - config["rec_fraction"] - config["caption_fraction"] - where
+    rest = round(1 - config["rec_fraction"] - config["caption_fraction"] - where, 6)
     parts = [(config["rec_fraction"], "REC"), (config["caption_fraction"], "captions"), (where, "where"), (rest, "VQA")]
     mix = ", ".join(f"{100 * share:g}% {task}" for share, task in parts if share)
     return (f"VQA alone for the first {vqa_only} steps, then {mix}" if vqa_only else mix)

@@ -26,8 +26,8 @@ from minillava.world import make_scene
 
 def tiny_config(**changes):
     options = {"preset": "test", "stage1_steps": 20, "stage1_batch": 8, "stage2_steps": 100, "stage2_batch": 8,
-               "train_scenes": 24, "warmup": 5, "save_every": 10, "vqa_only_steps": 20, "precision": "fp32",
-               "device": "cpu"}
+               "train_scenes": 24, "warmup": 5, "save_every": 10, "vqa_only_steps": 20,
+               "where_fraction": 0.125, "precision": "fp32", "device": "cpu"}
     return TrainConfig(**{**options, **changes})
 
 
@@ -91,10 +91,13 @@ def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
 
 
 def test_stage2_opens_with_vqa_alone_then_mixes_the_tasks():
-    config = TrainConfig(stage2_batch=32, vqa_only_steps=1500)
+    config = TrainConfig(stage2_batch=32, vqa_only_steps=1500, rec_fraction=0.5, caption_fraction=0.125,
+                         where_fraction=0.1875)
     assert training.batch_counts(config, 0) == training.batch_counts(config, 1499) == {
         "rec": 0, "vqa": 32, "caption": 0, "where": 0}
     assert training.batch_counts(config, 1500) == {"rec": 16, "caption": 4, "where": 6, "vqa": 6}
+    # the defaults: no VQA-only opening, no "where"
+    assert training.batch_counts(TrainConfig(), 0) == {"rec": 19, "caption": 5, "where": 0, "vqa": 8}
     with pytest.raises(SystemExit, match="must not exceed 1"):
         training.batch_counts(TrainConfig(rec_fraction=0.9), 2000)
 
@@ -190,4 +193,4 @@ def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     assert f"| VQA | {vqa['n_samples']} | accuracy | {vqa['metrics']['accuracy']['value']:.3f}" in card
     assert set(evaluation["rec"]["by_kind"]) <= {"absolute", "attribute", "relational"}
     assert "the test size" in card and "--tower contrastive" in card
-    assert "VQA alone for the first 20 steps, then 50% REC, 12.5% captions, 18.75% where, 18.75% VQA" in card
+    assert "VQA alone for the first 20 steps, then 60% REC, 15% captions, 12.5% where, 12.5% VQA" in card
