@@ -106,9 +106,9 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "## Training",
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
         f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min.",
-        f"- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, "
-        "captions and training-only \"where is ...?\" questions; loss on answers only (a token mean within each "
-        "task, the tasks weighted by their share of the batch); "
+        "- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
+        "captions" + (" and training-only \"where is ...?\" questions" if config.get("where_fraction") else "")
+        + "; loss on answers only (a token mean within each task, the tasks weighted by their share of the batch); "
         f"{config['stage2_steps']} steps x {config['stage2_batch']} queries, {stage2_schedule(config)}, from "
         f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "
         f"{seconds.get('stage2', 0) / 60:.1f} min.",

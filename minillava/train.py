@@ -295,8 +295,9 @@ def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str
 def build_instructions(config: TrainConfig, processor: object) -> Instructions:
     texts = []
     size = config.sizes.image_size
+    drawn = {task for task in TASKS if task != "where" or config.where_fraction}  # tokenise only what is drawn
     for index in range(config.train_scenes):
-        texts += [(index, *item) for item in instruction_texts(train_seed(config, index), size)]
+        texts += [(index, *item) for item in instruction_texts(train_seed(config, index), size) if item[0] in drawn]
     grid = config.sizes.image_size // config.sizes.patch_size
     return tokenize_instructions(processor, texts, grid * grid)
 
@@ -365,13 +366,13 @@ def batch_counts(config: TrainConfig, step: int) -> dict[str, int]:
     (256 samples of the shipped split each), so the defaults stay without them.
     """
     batch = config.stage2_batch
-    if step < config.vqa_only_steps:
-        return {"rec": 0, "vqa": batch, "caption": 0, "where": 0}
     counts = {task: round(batch * share) for task, share in
               (("rec", config.rec_fraction), ("caption", config.caption_fraction), ("where", config.where_fraction))}
     counts["vqa"] = batch - sum(counts.values())
-    if counts["vqa"] < 0:
+    if counts["vqa"] < 0:  # checked on every step, so a bad mix fails at the first, not after the VQA-only ones
         raise SystemExit("--rec-fraction + --caption-fraction + --where-fraction must not exceed 1")
+    if step < config.vqa_only_steps:
+        return {"rec": 0, "vqa": batch, "caption": 0, "where": 0}
     return counts
 
 

@@ -315,8 +315,8 @@ def cell_name(obj: SceneObject, size: int) -> str:
 def where_questions(scene: Scene, rng: random.Random) -> list[Question]:
     """Training only: "where is the red circle?" -> its cell, for each object that an attribute names.
 
-    A one-word place for an object found by its colour and shape: without it the miniature learns to
-    box the most salient object whatever the words say (see `minillava.train`).
+    A one-word place for an object found by its colour and shape; `minillava.train --where-fraction`
+    mixes it in to test whether it teaches REC to follow the words (it did not: see `batch_counts`).
     """
     questions = []
     for obj in scene.objects:

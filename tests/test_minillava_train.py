@@ -100,6 +100,8 @@ def test_stage2_opens_with_vqa_alone_then_mixes_the_tasks():
     assert training.batch_counts(TrainConfig(), 0) == {"rec": 19, "caption": 5, "where": 0, "vqa": 8}
     with pytest.raises(SystemExit, match="must not exceed 1"):
         training.batch_counts(TrainConfig(rec_fraction=0.9), 2000)
+    with pytest.raises(SystemExit, match="must not exceed 1"):  # before the VQA-only steps are spent
+        training.batch_counts(TrainConfig(rec_fraction=0.9, vqa_only_steps=1500), 0)
 
 
 def test_same_seed_same_loss_curve_other_seed_another(trained, tmp_path):
@@ -194,3 +196,4 @@ def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     assert set(evaluation["rec"]["by_kind"]) <= {"absolute", "attribute", "relational"}
     assert "the test size" in card and "--tower contrastive" in card
     assert "VQA alone for the first 20 steps, then 60% REC, 15% captions, 12.5% where, 12.5% VQA" in card
+    assert 'and captions and training-only "where is ...?" questions;' in card
