@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def test_the_cards_reproduce_line_rebuilds_the_configuration():
 def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     from minillava.card import evaluate_and_card
 
-    out, _ = trained
+    out = shutil.copytree(trained[0], tmp_path / "model")  # the card is written beside the weights
     write_eval_split(tmp_path / "split", rec_scenes=4, vqa_scenes=2, size=PRESETS["test"].image_size)
     evaluation = evaluate_and_card(out, tmp_path / "split", tmp_path / "results", device="cpu")
     card = (out / "README.md").read_text()
