@@ -53,12 +53,22 @@ def evaluate(checkpoint: Path, eval_data: Path, results: Path, *, batch_size: in
 
 
 def stage2_schedule(config: dict) -> str:
-    """The task mix in words; configurations from before the VQA-first phase lack its fields."""
-    vqa_only, where = config.get("vqa_only_steps", 0), config.get("where_fraction", 0.0)
-    rest = round(1 - config["rec_fraction"] - config["caption_fraction"] - where, 6)
-    parts = [(config["rec_fraction"], "REC"), (config["caption_fraction"], "captions"), (where, "where"), (rest, "VQA")]
+    """The task mix in words; configurations from before an option existed lack its field."""
+    vqa_only = config.get("vqa_only_steps", 0)
+    where, region = config.get("where_fraction", 0.0), config.get("region_fraction", 0.0)
+    rest = round(1 - config["rec_fraction"] - config["caption_fraction"] - where - region, 6)
+    parts = [(config["rec_fraction"], "REC"), (config["caption_fraction"], "captions"), (where, "where"),
+             (region, "region descriptions"), (rest, "VQA")]
     mix = ", ".join(f"{100 * share:g}% {task}" for share, task in parts if share)
     return (f"VQA alone for the first {vqa_only} steps, then {mix}" if vqa_only else mix)
+
+
+def _training_only(config: dict) -> str:
+    extra = [text for key, text in (("where_fraction", 'training-only "where is ...?" questions'),
+                                    ("region_fraction", "region descriptions (a box in, its object's colour and "
+                                                        "shape out, LLaVA-1.5's REG)"))
+             if config.get(key)]
+    return "".join(f" and {text}" for text in extra)
 
 
 def train_flags(config: dict) -> str:
@@ -107,7 +117,7 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
         f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min.",
         "- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
-        "captions" + (" and training-only \"where is ...?\" questions" if config.get("where_fraction") else "")
+        "captions" + _training_only(config)
         + "; loss on answers only (a token mean within each task, the tasks weighted by their share of the batch); "
         f"{config['stage2_steps']} steps x {config['stage2_batch']} queries, {stage2_schedule(config)}, from "
         f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "

@@ -15,7 +15,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from grounding.prompts import prompt_style
-from minillava.world import box_answer, caption, make_scene, referring_expressions, vqa_questions, where_questions
+from minillava.world import (
+    Description,
+    box_answer,
+    caption,
+    make_scene,
+    referring_expressions,
+    vqa_questions,
+    where_questions,
+)
 from mllm.tiny import IMAGE_TOKEN, SPECIAL_TOKENS, TinyLlavaConfig, tiny_llava_config
 
 PRESETS = {
@@ -45,14 +53,17 @@ class TextTowerConfig:
 
 
 CAPTION_PROMPT = "Provide a brief description of the given image."  # one of LLaVA's caption instructions
+# LLaVA-1.5's region-description (REG) instruction, the converse of REC, from its RefCOCO/VG training data.
+REGION_PROMPT = "Please provide a short description for this region:"
 
 
 def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
     """(task, user text, answer) for every query about one scene.
 
     REC and VQA are worded as the llava-1.5 prompt style asks at evaluation; captions, LLaVA's
-    alignment data, name what the image holds and never where. "where" questions are for training
-    only: they are drawn from their own random stream, so the other queries do not depend on them.
+    alignment data, name what the image holds and never where. "where" questions and region
+    descriptions (a box in, "the red circle" out) are for training only: "where" is drawn from its own
+    random stream and regions use none, so the other queries do not depend on them.
     """
     style = prompt_style("llava-1.5")
     scene, rng = make_scene(seed, size), random.Random(seed)
@@ -61,16 +72,18 @@ def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
     items += [("vqa", style.text("vqa", q.text), q.answer) for q in vqa_questions(scene, rng)]
     items.append(("caption", CAPTION_PROMPT, caption(scene, rng)))
     items += [("where", style.text("vqa", q.text), q.answer) for q in where_questions(scene, random.Random(seed + 7))]
+    items += [("region", f"{REGION_PROMPT} {box_answer(obj.box, size)}", Description(obj.color, obj.shape).text())
+              for obj in scene.objects]
     return items
 
 
 def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7) -> list[str]:
     """Text the tokenizer is trained on: every evaluated instruction in the chat wording, with its answer.
 
-    The training-only "where" questions are left out, so adding them did not change the vocabulary.
+    The training-only "where" and region queries are left out, so adding them did not change the vocabulary.
     """
     return [f"USER: \n{text} ASSISTANT: {answer}" for scene_seed in range(seed, seed + count)
-            for task, text, answer in instruction_texts(scene_seed, size) if task != "where"]
+            for task, text, answer in instruction_texts(scene_seed, size) if task not in ("where", "region")]
 
 
 def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:

@@ -50,7 +50,7 @@ from mllm.tiny import CLIP_MEAN, CLIP_STD, TinyLlavaConfig, build_processor, sav
 
 TOWERS = ("contrastive", "spatial")
 IGNORE = -100
-TASKS = ("rec", "vqa", "caption", "where")
+TASKS = ("rec", "vqa", "caption", "where", "region")
 
 
 @dataclass
@@ -71,7 +71,8 @@ class TrainConfig:
     train_scenes: int = 20000
     rec_fraction: float = 0.6
     caption_fraction: float = 0.15
-    where_fraction: float = 0.0  # the rest of each batch is VQA
+    where_fraction: float = 0.0
+    region_fraction: float = 0.0  # the rest of each batch is VQA
     vqa_only_steps: int = 0  # steps of VQA alone that open stage 2 (see `batch_counts`)
     warmup: int = 100
     save_every: int = 200
@@ -136,7 +137,9 @@ def _load_state(path: Path, config: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["config"] != stage_config(config, path.stem):
+    # A state saved before a setting existed was made with that setting's default.
+    saved = {**stage_config(TrainConfig(), path.stem), **state["config"]}
+    if saved != stage_config(config, path.stem):
         raise SystemExit(f"{path}: saved by a run with another configuration; use a new --work directory")
     return state
 
@@ -295,7 +298,8 @@ def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str
 def build_instructions(config: TrainConfig, processor: object) -> Instructions:
     texts = []
     size = config.sizes.image_size
-    drawn = {task for task in TASKS if task != "where" or config.where_fraction}  # tokenise only what is drawn
+    optional = {"where": config.where_fraction, "region": config.region_fraction}
+    drawn = {task for task in TASKS if optional.get(task, 1)}  # tokenise only what is drawn
     for index in range(config.train_scenes):
         texts += [(index, *item) for item in instruction_texts(train_seed(config, index), size) if item[0] in drawn]
     grid = config.sizes.image_size // config.sizes.patch_size
@@ -364,15 +368,18 @@ def batch_counts(config: TrainConfig, step: int) -> dict[str, int]:
     place. With 1500 VQA-only steps and 18.75% "where" (50% REC, 12.5% captions) the spatial
     miniature reached REC ACC@0.5 0.41 at step 6000, against 0.71 at step 6200 with the defaults
     (256 samples of the shipped split each), so the defaults stay without them.
+    `--region-fraction` mixes in LLaVA-1.5's region descriptions (REG: a box in, "the red circle" out),
+    which tie a place named in digits to the visual tokens there.
     """
     batch = config.stage2_batch
     counts = {task: round(batch * share) for task, share in
-              (("rec", config.rec_fraction), ("caption", config.caption_fraction), ("where", config.where_fraction))}
+              (("rec", config.rec_fraction), ("caption", config.caption_fraction), ("where", config.where_fraction),
+               ("region", config.region_fraction))}
     counts["vqa"] = batch - sum(counts.values())
     if counts["vqa"] < 0:  # checked on every step, so a bad mix fails at the first, not after the VQA-only ones
-        raise SystemExit("--rec-fraction + --caption-fraction + --where-fraction must not exceed 1")
+        raise SystemExit("--rec-fraction + --caption-fraction + --where-fraction + --region-fraction must not exceed 1")
     if step < config.vqa_only_steps:
-        return {"rec": 0, "vqa": batch, "caption": 0, "where": 0}
+        return {task: batch if task == "vqa" else 0 for task in TASKS}
     return counts
 
 

@@ -13,7 +13,7 @@ from grounding.data import load_dataset
 from grounding.prompts import prompt_style
 from grounding.runner import run_evaluation
 from minillava import train as training
-from minillava.model import PRESETS, build_tokenizer, instruction_texts
+from minillava.model import PRESETS, REGION_PROMPT, build_tokenizer, instruction_texts, world_corpus
 from minillava.split import write_eval_split
 from minillava.train import (
     TrainConfig,
@@ -22,13 +22,13 @@ from minillava.train import (
     to_pixels,
     tokenize_instructions,
 )
-from minillava.world import make_scene
+from minillava.world import box_answer, make_scene
 
 
 def tiny_config(**changes):
     options = {"preset": "test", "stage1_steps": 20, "stage1_batch": 8, "stage2_steps": 100, "stage2_batch": 8,
-               "train_scenes": 24, "warmup": 5, "save_every": 10, "vqa_only_steps": 20,
-               "where_fraction": 0.125, "precision": "fp32", "device": "cpu"}
+               "rec_fraction": 0.5, "train_scenes": 24, "warmup": 5, "save_every": 10, "vqa_only_steps": 20,
+               "where_fraction": 0.125, "region_fraction": 0.125, "precision": "fp32", "device": "cpu"}
     return TrainConfig(**{**options, **changes})
 
 
@@ -41,6 +41,21 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("minillava")
     out = training.train(tiny_config(), root / "model", root / "work", progress=False)
     return out, root / "work"
+
+
+def test_region_descriptions_name_the_object_in_the_box_and_stay_out_of_the_vocabulary():
+    described = 0
+    for seed in range(1_000_000, 1_000_040):
+        scene = make_scene(seed, 64)
+        regions = [(text, answer) for task, text, answer in instruction_texts(seed, 64) if task == "region"]
+        assert len(regions) == len(scene.objects)
+        for text, answer in regions:
+            box = text.removeprefix(REGION_PROMPT + " ")
+            (obj,) = [obj for obj in scene.objects if box_answer(obj.box, 64) == box]
+            assert answer == f"the {obj.color} {obj.shape}"
+            described += 1
+    assert described > 80
+    assert not any(REGION_PROMPT in line or "where is" in line for line in world_corpus(count=20))
 
 
 def test_tokenizer_keeps_digits_apart_and_round_trips():
@@ -68,7 +83,7 @@ def test_training_sequences_are_what_evaluation_feeds_the_model(trained):
         answer_ids = data.ids[row][data.starts[row] :]
         assert answer_ids[-1] == model.processor.tokenizer.eos_token_id
         assert model.processor.tokenizer.decode(answer_ids, skip_special_tokens=True) == answer
-    assert {task for task, _, _ in texts} == {"rec", "vqa", "caption", "where"}
+    assert {task for task, _, _ in texts} == {"rec", "vqa", "caption", "where", "region"}
     pixels = to_pixels([scene.render()])
     assert torch.equal(pixels, encoding.pixel_values)
     rows = np.arange(len(texts))
@@ -95,10 +110,14 @@ def test_stage2_opens_with_vqa_alone_then_mixes_the_tasks():
     config = TrainConfig(stage2_batch=32, vqa_only_steps=1500, rec_fraction=0.5, caption_fraction=0.125,
                          where_fraction=0.1875)
     assert training.batch_counts(config, 0) == training.batch_counts(config, 1499) == {
-        "rec": 0, "vqa": 32, "caption": 0, "where": 0}
-    assert training.batch_counts(config, 1500) == {"rec": 16, "caption": 4, "where": 6, "vqa": 6}
-    # the defaults: no VQA-only opening, no "where"
-    assert training.batch_counts(TrainConfig(), 0) == {"rec": 19, "caption": 5, "where": 0, "vqa": 8}
+        "rec": 0, "vqa": 32, "caption": 0, "where": 0, "region": 0}
+    assert training.batch_counts(config, 1500) == {"rec": 16, "caption": 4, "where": 6, "region": 0, "vqa": 6}
+    with_regions = TrainConfig(rec_fraction=0.55, caption_fraction=0.0625, region_fraction=0.125)
+    assert training.batch_counts(with_regions, 0) == {"rec": 18, "caption": 2, "where": 0, "region": 4, "vqa": 8}
+    # the defaults: no VQA-only opening, no "where", no regions
+    assert training.batch_counts(TrainConfig(), 0) == {"rec": 19, "caption": 5, "where": 0, "region": 0, "vqa": 8}
+    with pytest.raises(SystemExit, match="must not exceed 1"):
+        training.batch_counts(TrainConfig(rec_fraction=0.6, region_fraction=0.5), 0)
     with pytest.raises(SystemExit, match="must not exceed 1"):
         training.batch_counts(TrainConfig(rec_fraction=0.9), 2000)
     with pytest.raises(SystemExit, match="must not exceed 1"):  # before the VQA-only steps are spent
@@ -138,6 +157,18 @@ def test_resuming_with_another_configuration_is_refused(trained, tmp_path):
     _, work = trained
     with pytest.raises(SystemExit, match="another configuration"):
         training.train(tiny_config(stage2_lr=0.5), tmp_path / "model", work, progress=False)
+
+
+def test_a_state_saved_before_a_setting_existed_resumes_at_its_default(trained, tmp_path):
+    _, work = trained
+    shutil.copytree(work, tmp_path / "work")
+    state = torch.load(tmp_path / "work" / "stage2.pt", weights_only=False)
+    del state["config"]["vqa_only_steps"]  # as if saved before the option: read as its default, 0
+    torch.save(state, tmp_path / "work" / "stage2.pt")
+    with pytest.raises(SystemExit, match="another configuration"):  # this run opened with 20 VQA-only steps
+        training.train(tiny_config(), tmp_path / "model", tmp_path / "work", progress=False)
+    training.train(tiny_config(vqa_only_steps=0), tmp_path / "model", tmp_path / "work", progress=False)
+    assert losses(tmp_path / "work") == losses(work)  # resumed at the end: nothing retrained
 
 
 def test_a_new_stage_2_reuses_the_trained_tower(trained, tmp_path):
@@ -196,5 +227,6 @@ def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     assert f"| VQA | {vqa['n_samples']} | accuracy | {vqa['metrics']['accuracy']['value']:.3f}" in card
     assert set(evaluation["rec"]["by_kind"]) <= {"absolute", "attribute", "relational"}
     assert "the test size" in card and "--tower contrastive" in card
-    assert "VQA alone for the first 20 steps, then 60% REC, 15% captions, 12.5% where, 12.5% VQA" in card
-    assert 'and captions and training-only "where is ...?" questions;' in card
+    assert ("VQA alone for the first 20 steps, then 50% REC, 15% captions, 12.5% where, "
+            "12.5% region descriptions, 10% VQA") in card
+    assert 'and captions and training-only "where is ...?" questions and region descriptions (a box in' in card
