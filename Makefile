@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 results: setup
 	$(PY) -m mllm.selfcheck --out results/selfcheck
 	$(PY) -m grounding.demo --out results/grounding-demo
+	$(PY) -m minillava.card data/minillava/spatial --eval-data data/minillava/eval
 
 test: setup
 	$(PY) -m pytest

@@ -19,13 +19,17 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 import mllm
+from grounding.boxes import iou
 from grounding.data import load_dataset
 from grounding.prompts import default_style_for
 from grounding.records import MERGED, read_records
 from grounding.runner import run_evaluation
 from grounding.summary import summarize
 from minillava.train import TrainConfig
+from minillava.world import make_scene
 
 PRESET_MEANING = {"cpu": "the CPU size", "gpu": "the larger size, for a GPU", "test": "the test size"}
 
@@ -36,6 +40,28 @@ def by_kind(run: Path, task: str) -> dict[str, dict]:
     for record in read_records([run / MERGED]).values():
         groups[record.get("meta", {}).get("kind", "all")].append(record)
     return {kind: summarize(records, task, resamples=200)["metrics"] for kind, records in sorted(groups.items())}
+
+
+def rec_against_objects(eval_data: Path, run: Path) -> dict[str, dict[str, float]]:
+    """Per REC kind: the ACC@0.5 of boxing a random object of the scene (what a model deaf to the words
+    scores), and how often the predicted box is some object of the scene at IoU >= 0.5.
+
+    Objects never overlap, so only the target reaches IoU 0.5 and chance is the mean of 1 / objects.
+    Empty when `eval_data` is not a split that `minillava.split` wrote (no `split.json`).
+    """
+    if not (eval_data / "split.json").is_file():
+        return {}
+    size = json.loads((eval_data / "split.json").read_text())["size"]
+    random_object: dict[str, list[float]] = defaultdict(list)
+    some_object: dict[str, list[bool]] = defaultdict(list)
+    for record in read_records([run / MERGED]).values():
+        kind = record["meta"]["kind"]
+        scene = make_scene(int(record["id"].split("/")[0]), size)  # the split names samples "<scene seed>/<kind>"
+        random_object[kind].append(1 / len(scene.objects))
+        some_object[kind].append(record.get("box") is not None
+                                 and any(iou(record["box"], obj.box) >= 0.5 for obj in scene.objects))
+    return {kind: {"random_object": float(np.mean(random_object[kind])),
+                   "some_object": float(np.mean(some_object[kind]))} for kind in sorted(random_object)}
 
 
 def evaluate(checkpoint: Path, eval_data: Path, results: Path, *, batch_size: int = 64,
@@ -49,6 +75,7 @@ def evaluate(checkpoint: Path, eval_data: Path, results: Path, *, batch_size: in
         summary = run_evaluation(model, dataset, run, style, batch_size=batch_size)
         evaluation[task] = {"summary": {key: summary[key] for key in ("n_samples", "n_errors", "metrics")},
                             "by_kind": by_kind(run, task), "results": str(run)}
+    evaluation["rec"]["objects_by_kind"] = rec_against_objects(eval_data, results / "rec")
     return evaluation
 
 
@@ -140,17 +167,27 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "",
         "By kind:",
         "",
-        "| task | kind | n | metric | value |",
-        "|---|---|---|---|---|",
+        "| task | kind | n | metric | value | boxing a random object | box on some object |",
+        "|---|---|---|---|---|---|---|",
     ]
+    objects = evaluation["rec"].get("objects_by_kind", {})
+    chance = {kind: entry["random_object"] for kind, entry in objects.items()}
     for task, metric in (("rec", "acc@0.5"), ("vqa", "accuracy")):
         for kind, metrics in evaluation[task]["by_kind"].items():
+            entry = objects.get(kind) if task == "rec" else None
+            baselines = f"{entry['random_object']:.3f} | {entry['some_object']:.3f}" if entry else " | "
             lines.append(f"| {task.upper()} | {kind} | {metrics[metric]['n']} | {metric} | "
-                         f"{metrics[metric]['value']:.3f} |")
+                         f"{metrics[metric]['value']:.3f} | {baselines} |")
     lines += ["", "## Limitations",
               "A toy: coloured shapes on a textured background, a closed vocabulary, one image size. It is "
               "faithful to LLaVA's architecture and recipe, not to its scale; use it to run analyses fast, and "
-              "confirm on real checkpoints.", ""]
+              "confirm on real checkpoints."]
+    near_chance = [kind for kind, metrics in evaluation["rec"]["by_kind"].items()
+                   if kind in chance and metrics["acc@0.5"]["value"] < chance[kind] + 0.05]
+    if near_chance:
+        lines += ["", f"On {' and '.join(near_chance)} expressions it scores at most 0.05 above boxing a random "
+                  "object of the scene: there it does not pick the object the words name."]
+    lines.append("")
     return "\n".join(lines)
 
 

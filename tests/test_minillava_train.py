@@ -226,6 +226,16 @@ def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     assert f"| REC | {rec['n_samples']} | ACC@0.5 | {rec['metrics']['acc@0.5']['value']:.3f}" in card
     assert f"| VQA | {vqa['n_samples']} | accuracy | {vqa['metrics']['accuracy']['value']:.3f}" in card
     assert set(evaluation["rec"]["by_kind"]) <= {"absolute", "attribute", "relational"}
+    objects = evaluation["rec"]["objects_by_kind"]
+    chance = {kind: entry["random_object"] for kind, entry in objects.items()}
+    assert set(chance) == set(evaluation["rec"]["by_kind"])
+    assert all(1 / 3 <= value <= 1 / 2 for value in chance.values())  # 2-3 objects a scene
+    for kind, entry in objects.items():  # a box on the target is a box on some object
+        assert entry["some_object"] >= evaluation["rec"]["by_kind"][kind]["acc@0.5"]["value"]
+        assert f" | {entry['random_object']:.3f} | {entry['some_object']:.3f} |" in card
+    near_chance = [kind for kind, value in chance.items()
+                   if evaluation["rec"]["by_kind"][kind]["acc@0.5"]["value"] < value + 0.05]
+    assert (f"On {' and '.join(near_chance)} expressions it scores at most 0.05 above" in card) == bool(near_chance)
     assert "the test size" in card and "--tower contrastive" in card
     assert ("VQA alone for the first 20 steps, then 50% REC, 15% captions, 12.5% where, "
             "12.5% region descriptions, 10% VQA") in card
