@@ -55,6 +55,8 @@ class TextTowerConfig:
 CAPTION_PROMPT = "Provide a brief description of the given image."  # one of LLaVA's caption instructions
 # LLaVA-1.5's region-description (REG) instruction, the converse of REC, from its RefCOCO/VG training data.
 REGION_PROMPT = "Please provide a short description for this region:"
+# Queries made for training only: never evaluated, so kept out of the tokenizer's corpus.
+TRAINING_ONLY_TASKS = ("where", "region")
 
 
 def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
@@ -83,7 +85,7 @@ def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7) -> list[st
     The training-only "where" and region queries are left out, so adding them did not change the vocabulary.
     """
     return [f"USER: \n{text} ASSISTANT: {answer}" for scene_seed in range(seed, seed + count)
-            for task, text, answer in instruction_texts(scene_seed, size) if task not in ("where", "region")]
+            for task, text, answer in instruction_texts(scene_seed, size) if task not in TRAINING_ONLY_TASKS]
 
 
 def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:

@@ -32,6 +32,7 @@ from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTok
 
 from minillava.model import (
     PRESETS,
+    TRAINING_ONLY_TASKS,
     TextTowerConfig,
     build_clip,
     build_llava,
@@ -298,8 +299,8 @@ def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str
 def build_instructions(config: TrainConfig, processor: object) -> Instructions:
     texts = []
     size = config.sizes.image_size
-    optional = {"where": config.where_fraction, "region": config.region_fraction}
-    drawn = {task for task in TASKS if optional.get(task, 1)}  # tokenise only what is drawn
+    # tokenise only what is drawn: a training-only task is drawn when its `<task>_fraction` is set
+    drawn = {task for task in TASKS if task not in TRAINING_ONLY_TASKS or getattr(config, f"{task}_fraction")}
     for index in range(config.train_scenes):
         texts += [(index, *item) for item in instruction_texts(train_seed(config, index), size) if item[0] in drawn]
     grid = config.sizes.image_size // config.sizes.patch_size
