@@ -28,6 +28,7 @@ from grounding.prompts import default_style_for
 from grounding.records import MERGED, read_records
 from grounding.runner import run_evaluation
 from grounding.summary import summarize
+from minillava.split import scene_seed_of
 from minillava.train import TrainConfig
 from minillava.world import make_scene
 
@@ -56,7 +57,7 @@ def rec_against_objects(eval_data: Path, run: Path) -> dict[str, dict[str, float
     some_object: dict[str, list[bool]] = defaultdict(list)
     for record in read_records([run / MERGED]).values():
         kind = record["meta"]["kind"]
-        scene = make_scene(int(record["id"].split("/")[0]), size)  # the split names samples "<scene seed>/<kind>"
+        scene = make_scene(scene_seed_of(record["id"]), size)
         random_object[kind].append(1 / len(scene.objects))
         some_object[kind].append(record.get("box") is not None
                                  and any(iou(record["box"], obj.box) >= 0.5 for obj in scene.objects))

@@ -21,6 +21,19 @@ from minillava.world import make_scene, referring_expressions, vqa_questions
 KINDS = ("attribute", "relational", "absolute")
 
 
+def sample_id(scene_seed: int, kind: str) -> str:
+    """A sample's id in the split: its scene's seed and its kind, so a reader can rebuild the scene."""
+    return f"{scene_seed}/{kind}"
+
+
+def scene_seed_of(sample_id: str) -> int:
+    """The scene seed that `sample_id` names; a clear error for an id the split did not write."""
+    seed, _, kind = sample_id.partition("/")
+    if not seed.isdigit() or not kind:
+        raise ValueError(f"sample id {sample_id!r}: expected '<scene seed>/<kind>', as minillava.split writes")
+    return int(seed)
+
+
 def write_eval_split(out: str | Path, *, rec_scenes: int = 440, vqa_scenes: int = 300, size: int = 64,
                      seed: int = 0, split: str = "val") -> dict:
     """Write the split under `out` and return its description (also written as `split.json`)."""
@@ -39,11 +52,11 @@ def write_eval_split(out: str | Path, *, rec_scenes: int = 440, vqa_scenes: int 
                 options = [ref for ref in refs if ref.kind == kind]
                 if options:
                     ref = rng.choice(options)
-                    rec_lines.append({"id": f"{scene_seed}/{kind}", "image": f"../{image}", "expression": ref.text,
+                    rec_lines.append({"id": sample_id(scene_seed, kind), "image": f"../{image}", "expression": ref.text,
                                       "box": list(scene.objects[ref.target].box), "kind": kind})
         else:
             for question in vqa_questions(scene, rng):
-                vqa_lines.append({"id": f"{scene_seed}/{question.kind}", "image": f"../{image}",
+                vqa_lines.append({"id": sample_id(scene_seed, question.kind), "image": f"../{image}",
                                   "question": question.text, "answers": [question.answer], "kind": question.kind})
     for task, lines in (("rec", rec_lines), ("vqa", vqa_lines)):
         (out / task / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))

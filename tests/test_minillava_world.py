@@ -10,7 +10,7 @@ import torch
 
 from grounding.boxes import parse_box
 from grounding.data import load_dataset
-from minillava.split import write_eval_split
+from minillava.split import sample_id, scene_seed_of, write_eval_split
 from minillava.world import (
     LOCATION_WORDS,
     TRAIN_SEED_OFFSET,
@@ -165,9 +165,16 @@ def test_eval_split_loads_through_grounding_with_kinds(tmp_path):
         assert image.size == (32, 32)
         x1, y1, x2, y2 = sample.box
         assert 0 <= x1 < x2 <= 32 and 0 <= y1 < y2 <= 32
-        seed = int(sample.id.split("/")[0])
+        seed = scene_seed_of(sample.id)
         assert 5 <= seed < 5 + 12 < TRAIN_SEED_OFFSET
         assert resolve(sample.text, make_scene(seed, 32)) != []
+
+
+def test_sample_ids_name_their_scene_and_refuse_other_formats():
+    assert scene_seed_of(sample_id(417, "attribute")) == 417
+    for bad in ("417", "abc/attribute", "417/", "coco_123"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            scene_seed_of(bad)
 
 
 def test_caption_batches_hold_groups_that_differ_only_in_shape():
