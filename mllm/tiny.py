@@ -114,6 +114,11 @@ def tiny_llava_config(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # Hugging Face's Llama default (0.02) suits a 4096-wide model, where hidden^-1/2 is 0.016. At our
+        # widths it is several times smaller than hidden^-1/2; query-key products then start so small that a
+        # model trained from scratch stays on a content-free plateau and never learns to retrieve by content
+        # ("the red circle" lands on a random object). The same init also reaches the projector and lm_head.
+        initializer_range=sizes.text_hidden**-0.5,
     )
     return LlavaConfig(
         vision_config=vision,

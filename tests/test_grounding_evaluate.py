@@ -35,7 +35,9 @@ def summary_of(out: Path) -> dict:
 def boxes_from_features(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
     """A predictor whose answers vary with the image (the random model's own text never holds a box)."""
     generation = mllm.generate(model, encoding, **options)
-    centres = torch.sigmoid(1000 * encoding.visual_features[:, :2, :].mean(dim=-1)).tolist()
+    first_two = encoding.visual_features[:, :2, :].float()
+    # a z-score of each token's mean feature, so the spread of boxes does not depend on the model's init scale
+    centres = torch.sigmoid(first_two.mean(dim=-1) / first_two.std(dim=-1) * first_two.shape[-1] ** 0.5).tolist()
     texts = [f"[{x - 0.25:.2f}, {y - 0.25:.2f}, {x + 0.25:.2f}, {y + 0.25:.2f}]" for x, y in centres]
     return dataclasses.replace(generation, texts=texts)
 
