@@ -240,3 +240,17 @@ def test_the_card_reports_what_the_evaluation_measured(trained, tmp_path):
     assert ("VQA alone for the first 20 steps, then 50% REC, 15% captions, 12.5% where, "
             "12.5% region descriptions, 10% VQA") in card
     assert 'and captions and training-only "where is ...?" questions and region descriptions (a box in' in card
+
+
+@pytest.mark.parametrize(("record", "field"), [({"id": "0042", "meta": {"kind": "attribute"}}, "'id'"),
+                                               ({"id": "17/attribute", "meta": {}}, "'meta.kind'")])
+def test_the_card_names_the_file_and_field_of_a_record_from_another_split(tmp_path, record, field):
+    from minillava.card import rec_against_objects
+
+    write_eval_split(tmp_path / "split", rec_scenes=2, vqa_scenes=1, size=PRESETS["test"].image_size)
+    run = tmp_path / "rec"
+    run.mkdir()
+    (run / "samples.jsonl").write_text(json.dumps({"index": 0, "box": None, **record}) + "\n")
+    with pytest.raises(ValueError, match=r"samples\.jsonl") as error:
+        rec_against_objects(tmp_path / "split", run)
+    assert field in str(error.value) and repr(record["id"]) in str(error.value)
