@@ -17,6 +17,7 @@ results: setup
 	$(PY) -m mllm.selfcheck --out results/selfcheck
 	$(PY) -m grounding.demo --out results/grounding-demo
 	$(PY) -m minillava.card data/minillava/spatial --eval-data data/minillava/eval
+	$(PY) -m minillava.card data/minillava/contrastive --eval-data data/minillava/eval
 
 test: setup
 	$(PY) -m pytest
