@@ -56,16 +56,16 @@ def rec_against_objects(eval_data: Path, run: Path) -> dict[str, dict[str, float
     random_object: dict[str, list[float]] = defaultdict(list)
     some_object: dict[str, list[bool]] = defaultdict(list)
     merged = run / MERGED
+    elsewhere = f"were these results made on another split than {eval_data}?"
     for record in read_records([merged]).values():
         kind = record.get("meta", {}).get("kind")
         if kind is None:
             raise ValueError(f"{merged}: record {record['id']!r} has no field 'meta.kind', which minillava.split "
-                             f"writes; were these results made on another split than {eval_data}?")
+                             f"writes; {elsewhere}")
         try:
             seed = scene_seed_of(record["id"])
         except ValueError as error:
-            raise ValueError(f"{merged}: field 'id' of a record: {error}; were these results made on another "
-                             f"split than {eval_data}?") from error
+            raise ValueError(f"{merged}: field 'id' of a record: {error}; {elsewhere}") from error
         scene = make_scene(seed, size)
         random_object[kind].append(1 / len(scene.objects))
         some_object[kind].append(record.get("box") is not None
