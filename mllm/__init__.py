@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from mllm.adapters import ModelAdapter, register_adapter, supported_model_types
-from mllm.encoding import Encoding, encode
+from mllm.encoding import Encoding, encode, encode_pixels
 from mllm.errors import (
     CheckpointNotFoundError,
     ImageLoadError,
@@ -33,6 +33,6 @@ __all__ = [
     "MLLM", "CheckpointNotFoundError", "Encoding", "Generation", "ImageFrame", "ImageLoadError",
     "KeepSetError", "LayerContext", "LayerPruning", "MLLMError", "ModelAdapter", "PositionPolicy",
     "PromptBatch", "PromptError", "UnsupportedModelError", "build_prompt", "build_prompt_batch",
-    "encode", "generate", "load", "load_image", "next_position_id", "register_adapter",
+    "encode", "encode_pixels", "generate", "load", "load_image", "next_position_id", "register_adapter",
     "sequence_position_ids", "supported_model_types",
 ]

@@ -105,6 +105,14 @@ class ModelAdapter:
         """Attention weights (B, H, T, T) of vision layer `layer`, recomputed from its input."""
         raise NotImplementedError
 
+    def vision_patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, rows * cols, D): a vision hidden state's patch tokens in raster order (CLS and the like dropped)."""
+        raise NotImplementedError
+
+    def vision_patch_embeddings(self, pixel_values: torch.Tensor, with_position: bool) -> torch.Tensor:
+        """(B, rows * cols, D): the patch embeddings before any block, with or without the position embedding added."""
+        raise NotImplementedError
+
     def llm_attention(
         self,
         layer: int,
@@ -185,6 +193,19 @@ class LlavaAdapter(ModelAdapter):
         keys = attention.k_proj(normed).view(shape).transpose(1, 2)
         scores = queries.float() @ keys.float().transpose(-1, -2) * attention.scale
         return scores.softmax(dim=-1)
+
+    def vision_patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 1:]  # CLIP puts its CLS token first
+
+    def vision_patch_embeddings(self, pixel_values: torch.Tensor, with_position: bool) -> torch.Tensor:
+        tower = self.vision_tower
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        weight = embeddings.patch_embedding.weight
+        patches = embeddings.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+        if not with_position:
+            return patches
+        # Position 0 belongs to the CLS token; the patches take positions 1..N in raster order.
+        return patches + embeddings.position_embedding.weight[1:].to(patches.dtype)
 
     def llm_attention(
         self,

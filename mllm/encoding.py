@@ -69,6 +69,27 @@ def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def model_squares(mllm: MLLM, images: Sequence[ImageInput], frame: FrameKind) -> tuple[list, list[ImageFrame]]:
+    """The square images the processor should see under coordinate frame `frame`, and their frames."""
+    if frame not in FRAME_KINDS:
+        raise ValueError(f"unknown coordinate frame {frame!r}; choose one of {FRAME_KINDS}")
+    image_processor = mllm.processor.image_processor
+    side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
+    background = tuple(int(255 * channel) for channel in image_processor.image_mean)
+    squares, frames = zip(*(to_model_square(load_image(image), frame, side, background) for image in images))
+    return list(squares), list(frames)
+
+
+@torch.no_grad()
+def encode_pixels(
+    mllm: MLLM, images: ImageInput | Sequence[ImageInput], *, frame: FrameKind = "padded"
+) -> tuple[torch.Tensor, list[ImageFrame]]:
+    """(pixel_values on the model's device and dtype, frames): what the vision tower reads, without prompts."""
+    squares, frames = model_squares(mllm, _as_list(images), frame)
+    pixels = mllm.processor.image_processor(images=squares, return_tensors="pt")["pixel_values"]
+    return pixels.to(mllm.device, mllm.dtype), frames
+
+
 @torch.no_grad()
 def encode(
     mllm: MLLM,
@@ -87,8 +108,6 @@ def encode(
     `vision_attentions` lists vision layers (negative counts from the end) whose attention maps to
     recompute from their inputs, so SDPA models need not switch to eager attention.
     """
-    if frame not in FRAME_KINDS:
-        raise ValueError(f"unknown coordinate frame {frame!r}; choose one of {FRAME_KINDS}")
     images, texts = _as_list(images), _as_list(texts)
     if len(images) != len(texts):
         raise PromptError(f"got {len(images)} images but {len(texts)} prompts; give one image per prompt")
@@ -100,11 +119,8 @@ def encode(
     else:
         prompts = [build_prompt(mllm.processor, text) for text in texts]
 
-    image_processor = mllm.processor.image_processor
-    side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
-    background = tuple(int(255 * channel) for channel in image_processor.image_mean)
-    squares, frames = zip(*(to_model_square(load_image(image), frame, side, background) for image in images))
-    batch = mllm.processor(images=list(squares), text=prompts, return_tensors="pt", padding=True)
+    squares, frames = model_squares(mllm, images, frame)
+    batch = mllm.processor(images=squares, text=prompts, return_tensors="pt", padding=True)
 
     device = mllm.device
     input_ids = batch["input_ids"].to(device)

@@ -11,9 +11,10 @@ import torch
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from mllm.adapters import ModelAdapter, adapter_class_for
-from mllm.encoding import Encoding, encode
+from mllm.encoding import Encoding, encode, encode_pixels
 from mllm.errors import CheckpointNotFoundError
 from mllm.generation import Generation, generate
+from mllm.images import ImageFrame
 from mllm.prompts import build_prompt
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -92,6 +93,10 @@ class MLLM:
     def encode(self, images: Any, texts: Any, **options: Any) -> Encoding:
         """`mllm.encode(self, ...)`."""
         return encode(self, images, texts, **options)
+
+    def encode_pixels(self, images: Any, **options: Any) -> tuple[torch.Tensor, list[ImageFrame]]:
+        """`mllm.encode_pixels(self, ...)`."""
+        return encode_pixels(self, images, **options)
 
     def generate(self, encoding: Encoding, **options: Any) -> Generation:
         """`mllm.generate(self, ...)`."""

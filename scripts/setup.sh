@@ -22,7 +22,7 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "$venv/bin/python" -m pip install -q torch==2.13.0
 fi
 "$venv/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$venv/torch-constraint.txt"
-"$venv/bin/python" -m pip install -q -c "$venv/torch-constraint.txt" -e ".[dev]"
+"$venv/bin/python" -m pip install -q -c "$venv/torch-constraint.txt" -e ".[dev,notebooks]"
 if "$venv/bin/python" -c "import torchvision" 2>/dev/null && ! "$python" -c "import torchvision" 2>/dev/null; then
   echo "setup: torchvision was installed into $venv; the toolkit must never pull it in" >&2
   exit 1

@@ -1,0 +1,201 @@
+"""Patch activations of every requested vision layer, streamed to disk one batch of images at a time.
+
+Memory holds one batch of images across the requested layers while extracting, and one layer of
+all images while a probe reads it: never all layers of all images. A store is a directory of
+`.npy` files, one per feature set, each (images, patches, D), plus `store.json`. Extraction
+writes as it goes and resumes where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mllm import MLLM
+from probes.bridge import VisionHooks
+
+# Controls computed before any block: the patch embedding alone, and with the position embedding added.
+PATCH = "patch"
+PATCH_POS = "patch+pos"
+EMBEDDINGS = (PATCH, PATCH_POS)
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def feature_file(name: str | int) -> str:
+    if name == PATCH:
+        return "embed_patch.npy"
+    if name == PATCH_POS:
+        return "embed_patch_pos.npy"
+    return f"layer_{int(name):03d}.npy"
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Images to probe: stable ids, and how to load each one."""
+
+    ids: list[str]
+    load: Callable[[int], object]  # index -> PIL image
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What a store holds; a directory written with another spec is refused, not mixed."""
+
+    model: str
+    layers: list[int]
+    embeddings: list[str]
+    grid: list[int]
+    frame: str
+    dtype: str
+    image_ids: list[str]
+
+
+class StoreMismatchError(ValueError):
+    pass
+
+
+class HookMismatchError(RuntimeError):
+    """TransformerLens' hooks disagree with transformers' `output_hidden_states`."""
+
+
+# How far the hooked states may sit from output_hidden_states, relative to the layer's largest value:
+# the bridge runs eager attention where the model may run SDPA, which reorders float operations.
+HOOK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
+HOOK_TOLERANCE_LOW_PRECISION = 5e-2
+
+
+class ActivationStore:
+    """Read side of a store: `store.features(name)` is an (images, patches, D) array mapped from disk."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        meta = json.loads((self.directory / "store.json").read_text())
+        self.spec = StoreSpec(**meta["spec"])
+        self.done = int(meta["done"])
+        self.hook_check: dict = meta.get("hook_check", {})
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.spec.image_ids)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        rows, cols = self.spec.grid
+        return rows, cols
+
+    @property
+    def names(self) -> list[str | int]:
+        return [*self.spec.embeddings, *self.spec.layers]
+
+    def features(self, name: str | int) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(f"{self.directory}: no features {name!r}; this store holds {self.names}")
+        return np.load(self.directory / feature_file(name), mmap_mode="r")
+
+
+def _write_meta(directory: Path, spec: StoreSpec, done: int, hook_check: dict) -> None:
+    temporary = directory / "store.json.tmp"
+    meta = {"spec": asdict(spec), "done": done, "hook_check": hook_check}
+    temporary.write_text(json.dumps(meta, indent=1) + "\n")
+    temporary.replace(directory / "store.json")
+
+
+def extract_activations(
+    mllm: MLLM,
+    images: ImageList,
+    directory: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    frame: str = "padded",
+    batch_size: int = 16,
+    dtype: str = "float16",
+    progress: bool = True,
+) -> ActivationStore:
+    """Write the patch tokens of `layers` (default: all) and the two embedding controls for `images`."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"store dtype {dtype!r}: choose one of {sorted(STORE_DTYPES)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    hooks = VisionHooks(mllm)
+    layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
+    for layer in layers:
+        hooks.hook_name(layer)  # range check before any work
+    spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=list(EMBEDDINGS), grid=list(mllm.grid),
+                     frame=frame, dtype=dtype, image_ids=list(images.ids))
+    done, hook_check = 0, {}
+    if (directory / "store.json").is_file():
+        existing = ActivationStore(directory)
+        if existing.spec != spec:
+            raise StoreMismatchError(f"{directory / 'store.json'}: written for another model, image list, layer set, "
+                                     "frame or dtype; use a new directory")
+        done, hook_check = existing.done, existing.hook_check
+    if done == len(images):
+        return ActivationStore(directory)
+    if not hook_check:
+        hook_check = check_hooks(mllm, hooks, [images.load(index) for index in range(min(batch_size, len(images)))],
+                                 frame=frame)
+
+    names = [*EMBEDDINGS, *layers]
+    patches = mllm.num_visual_tokens
+    arrays: dict[str | int, np.ndarray] = {}
+    width = int(getattr(mllm.model.config, "vision_config", mllm.model.config).hidden_size)
+    for name in names:
+        path = directory / feature_file(name)
+        if done:
+            arrays[name] = np.load(path, mmap_mode="r+")
+        else:
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=STORE_DTYPES[dtype],
+                                                     shape=(len(images), patches, width))
+    _write_meta(directory, spec, done, hook_check)
+
+    limit = float(np.finfo(STORE_DTYPES[dtype]).max)
+    bar = tqdm(total=len(images), initial=done, desc="vision activations", disable=not progress)
+    for start in range(done, len(images), batch_size):
+        stop = min(start + batch_size, len(images))
+        pixels, _ = mllm.encode_pixels([images.load(index) for index in range(start, stop)], frame=frame)
+        batch = _patch_features(mllm, hooks, pixels, layers)
+        for name, tensor in batch.items():
+            values = tensor.float().cpu().numpy()
+            if np.abs(values).max() > limit:
+                raise OverflowError(f"{directory / feature_file(name)}: activations exceed {dtype}'s range; "
+                                    "extract with dtype='float32'")
+            arrays[name][start:stop] = values
+        for array in arrays.values():
+            array.flush()
+        _write_meta(directory, spec, stop, hook_check)
+        bar.update(stop - start)
+    bar.close()
+    return ActivationStore(directory)
+
+
+def check_hooks(mllm: MLLM, hooks: VisionHooks, images: Sequence[object], frame: str = "padded") -> dict:
+    """Compare the hooked hidden states of `images` with transformers' `output_hidden_states`; raise on a mismatch."""
+    pixels, _ = mllm.encode_pixels(list(images), frame=frame)
+    difference = hooks.max_difference_from_transformers(pixels)
+    tolerance = HOOK_TOLERANCE.get(mllm.dtype, HOOK_TOLERANCE_LOW_PRECISION)
+    if not difference <= tolerance:
+        raise HookMismatchError(f"{mllm.path}: TransformerLens' vision hooks differ from output_hidden_states by "
+                                f"{difference:.3g} of the largest activation (tolerance {tolerance:g})")
+    return {"max_relative_difference": difference, "tolerance": tolerance, "images": len(images)}
+
+
+@torch.no_grad()
+def _patch_features(mllm: MLLM, hooks: VisionHooks, pixels: torch.Tensor,
+                    layers: Sequence[int]) -> dict[str | int, torch.Tensor]:
+    adapter = mllm.adapter
+    features: dict[str | int, torch.Tensor] = {
+        PATCH: adapter.vision_patch_embeddings(pixels, with_position=False),
+        PATCH_POS: adapter.vision_patch_embeddings(pixels, with_position=True),
+    }
+    for layer, hidden in hooks.run(pixels, layers).items():
+        features[layer] = adapter.vision_patch_tokens(hidden)
+    return features
