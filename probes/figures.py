@@ -83,7 +83,9 @@ def plot_layerwise(table: str | Path | pd.DataFrame | Sequence[dict], path: str 
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         if metric in ("accuracy", "top5"):
             ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=7)
+        ax.get_legend().remove()
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()

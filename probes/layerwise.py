@@ -94,20 +94,23 @@ def summarize(scores: dict[str, np.ndarray], patches: int, *, resamples: int, se
             for metric, values in per_image.items()}
 
 
-def layer_chunks(names: list, train_rows: int, width: int, classes: int, budget_bytes: float) -> list[list]:
-    """Groups of feature sets small enough to solve at once within `budget_bytes`."""
+def layer_chunks(names: list, train_rows: int, width: int, classes: int, budget_bytes: float, *,
+                 limit: int | None = None) -> list[list]:
+    """Groups of at most `limit` feature sets, each group small enough to solve at once within `budget_bytes`."""
     per_layer = 4 * train_rows * (width + 3 * max(classes, 2))
-    size = max(1, int(budget_bytes // per_layer))
+    size = max(1, min(int(budget_bytes // per_layer), limit or len(names)))
     return [names[start:start + size] for start in range(0, len(names), size)]
 
 
 def run_layerwise(store: ActivationStore, out: Path, *, target: str = "index", solver: str = "torch",
                   test_fraction: float = 0.2, seed: int = 0, C: float = 1.0, max_iter: int = 500,
                   device: str = "cpu", shuffled: bool = True, resamples: int = 1000,
-                  memory_budget_gb: float = 4.0, progress: bool = True) -> list[dict]:
+                  memory_budget_gb: float = 4.0, layers_per_solve: int | None = None,
+                  progress: bool = True) -> list[dict]:
     """Fit and score a probe per feature set of `store` (and the shuffled-label control per layer).
 
-    Appends one record per (series, layer) to `out/records.jsonl` as it goes; a rerun resumes.
+    Appends one record per (series, layer) to `out/records.jsonl` as it goes; a rerun resumes. With the
+    torch solver, `layers_per_solve` feature sets share one batched solve (within `memory_budget_gb`).
     """
     from tqdm import tqdm
 
@@ -126,7 +129,12 @@ def run_layerwise(store: ActivationStore, out: Path, *, target: str = "index", s
     shuffles = {layer: rng.permutation(train_index) for layer in store.spec.layers}
 
     width = store.features(store.names[0]).shape[-1]
-    chunks = layer_chunks(jobs, len(train_index), width, num_classes(target, grid), memory_budget_gb * 2**30)
+    if layers_per_solve is None:
+        # A joint L-BFGS solve runs until its slowest layer converges: worth it where one solve fills a
+        # GPU, slower than one layer at a time on a CPU (benchmarks/probe_solvers.py).
+        layers_per_solve = None if device.startswith("cuda") else 1
+    chunks = layer_chunks(jobs, len(train_index), width, num_classes(target, grid), memory_budget_gb * 2**30,
+                          limit=layers_per_solve)
     bar = tqdm(total=len(jobs), desc=f"probes ({solver})", disable=not progress)
     for chunk in chunks:
         began = time.perf_counter()
@@ -229,6 +237,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="model dtype")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="budget for one batched solve")
+    parser.add_argument("--layers-per-solve", type=int,
+                        help="layers fitted in one batched torch solve (default: as many as fit on a GPU, 1 on a CPU)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -291,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = run_layerwise(store, out, target=args.target, solver=args.solver, test_fraction=args.test_fraction,
                             seed=args.seed, C=args.C, max_iter=args.max_iter, device=device,
                             shuffled=not args.no_shuffled, resamples=args.bootstrap, memory_budget_gb=args.memory_gb,
-                            progress=not args.no_progress)
+                            layers_per_solve=args.layers_per_solve, progress=not args.no_progress)
     train, test = split_images(len(images), args.test_fraction, args.seed)
     rows = table_rows(records, args.target, store.grid, len(test))
     write_table(rows, out / "layerwise.csv")
