@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from grounding import bootstrap_intervals
+from grounding import RunConfigError, bootstrap_intervals
+from grounding.records import append_records, repair_torn_tail
+from grounding.records import read_records as read_jsonl_records
 from probes.activations import EMBEDDINGS, PATCH, ActivationStore, ImageList
 from probes.estimator import SOLVERS, fit_layers, patch_scores
 from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
@@ -35,10 +37,6 @@ from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
 SERIES = {PATCH: "patch embedding", "patch+pos": "patch + position embedding"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 RECORDS = "records.jsonl"
-
-
-class RunConfigError(ValueError):
-    pass
 
 
 # -------------------------------------------------------------------------------------- images
@@ -144,41 +142,26 @@ def run_layerwise(store: ActivationStore, out: Path, *, target: str = "index", s
         seconds = (time.perf_counter() - began) / len(chunk)
         for (series, layer, name), probe in zip(chunk, probes):
             scores = patch_scores(probe, flat(store.features(name), test), test_index)
-            record = {"series": series, "layer": layer, "target": target, "solver": solver,
+            record = {"index": record_key(series, layer), "series": series, "layer": layer, "target": target,
+                      "solver": solver,
                       "metrics": summarize(scores, patches, resamples=resamples, seed=seed),
                       "n_train_images": len(train), "n_test_images": len(test), "n_iter": probe.n_iter_,
                       "fit_seconds": round(seconds, 3)}
-            append_record(out, record)
+            append_records(out / RECORDS, [record])
             bar.update(1)
     bar.close()
     return read_records(out)
 
 
+def record_key(series: str, layer: int | None) -> str:
+    return f"{series}/{'' if layer is None else layer}"
+
+
 def read_records(out: Path) -> list[dict]:
+    """The records written so far; a killed writer's torn last line is dropped."""
     path = out / RECORDS
-    if not path.is_file():
-        return []
-    lines = path.read_text().split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # a killed writer's unterminated last line
-                continue
-            raise RunConfigError(f"{path}:{number}: not a JSON record; the file was edited or corrupted") from None
-    return records
-
-
-def append_record(out: Path, record: dict) -> None:
-    path = out / RECORDS
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        data = path.read_bytes()
-        path.write_bytes(data[: data.rfind(b"\n") + 1])  # drop a torn last line
-    with path.open("a") as file:
-        file.write(json.dumps(record) + "\n")
+    repair_torn_tail(path)
+    return list(read_jsonl_records([path]).values()) if path.is_file() else []
 
 
 def table_rows(records: Sequence[dict], target: str, grid: tuple[int, int], n_test: int) -> list[dict]:
