@@ -1,0 +1,133 @@
+"""Position-ID corruptions with every visual token kept: misalignment without information loss.
+
+Each kind is one registered class (as llmc registers token-reduction methods) that turns a strength
+into a `Corruption`: the order in which the N visual tokens are fed, and the `mllm.PositionPolicy`
+that numbers them. Every corruption keeps all N tokens, so whatever it does to REC comes from the
+positions alone. Strength 0 is always the unablated model. Same seed, same IDs.
+
+    corruption = make_corruption("permuted").at(0.5, num_visual=576, seed=0)
+    model.generate(encoding, keep=corruption.order.expand(batch, -1), policy=corruption.policy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mllm import PositionPolicy
+from mllm.positions import visual_position_ids
+
+CORRUPTIONS: dict[str, type[Misalignment]] = {}
+
+
+def register_corruption(cls: type[Misalignment]) -> type[Misalignment]:
+    CORRUPTIONS[cls.name] = cls
+    return cls
+
+
+def make_corruption(kind: str, **options: object) -> Misalignment:
+    """The corruption registered as `kind`, e.g. `make_corruption("permuted", window=24)`."""
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {kind!r}; choose one of {sorted(CORRUPTIONS)}")
+    return CORRUPTIONS[kind](**options)
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """What the LLM is fed: visual tokens in `order` (a permutation of 0..N-1), numbered by `policy`."""
+
+    order: torch.Tensor
+    policy: PositionPolicy
+
+
+class Misalignment:
+    """A family of corruptions indexed by a strength; subclasses say what the strength means."""
+
+    name: ClassVar[str]
+    strength_meaning: ClassVar[str]
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        raise NotImplementedError
+
+    @staticmethod
+    def _all(num_visual: int) -> torch.Tensor:
+        return torch.arange(num_visual)
+
+
+@register_corruption
+class Identity(Misalignment):
+    """The control: original order, original IDs, whatever the strength."""
+
+    name = "identity"
+    strength_meaning = "ignored"
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        return Corruption(self._all(num_visual), PositionPolicy("keep"))
+
+
+@register_corruption
+class Permuted(Misalignment):
+    """A fraction `strength` of the visual tokens trade IDs among themselves (within `window`s of tokens if set)."""
+
+    name = "permuted"
+    strength_meaning = "fraction of visual tokens whose IDs are shuffled"
+
+    def __init__(self, window: int | None = None) -> None:
+        self.window = window
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        policy = PositionPolicy("permute", fraction=float(strength), window=self.window, seed=seed)
+        return Corruption(self._all(num_visual), policy)
+
+
+@register_corruption
+class Shifted(Misalignment):
+    """Every visual ID moves by `strength` (an integer; negative moves them onto the prefix text's IDs)."""
+
+    name = "shifted"
+    strength_meaning = "offset added to every visual position ID"
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        return Corruption(self._all(num_visual), PositionPolicy("shift", offset=_integer(strength)))
+
+
+@register_corruption
+class SpanShift(Misalignment):
+    """Pruning-style: as if `strength` tokens from `start` were removed, the IDs after that span move down.
+
+    No token is removed: the span keeps its IDs, and the tokens after it reuse them, which is what a
+    renumbering pruner does to every token after each pruned span.
+    """
+
+    name = "span-shift"
+    strength_meaning = "length of the span whose removal the later tokens' IDs assume"
+
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        span = _integer(strength)
+        policy = PositionPolicy("shift", offset=-span, start=self.start + span)
+        return Corruption(self._all(num_visual), policy)
+
+
+@register_corruption
+class TokenPermutation(Misalignment):
+    """A fraction `strength` of the visual tokens are reordered; IDs stay sequential (PruMerge-style output)."""
+
+    name = "token-permutation"
+    strength_meaning = "fraction of visual tokens moved to other slots"
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        slots = PositionPolicy("permute", fraction=float(strength), seed=seed)
+        # The same seeded shuffle the ID permutation uses, applied to the tokens instead of their IDs.
+        order = visual_position_ids(self._all(num_visual), 0, num_visual, slots)
+        return Corruption(order, PositionPolicy("reassign"))
+
+
+def _integer(strength: float) -> int:
+    if float(strength) != int(strength):
+        raise ValueError(f"this corruption's strength is a number of positions, got {strength}")
+    return int(strength)
