@@ -288,13 +288,6 @@ def test_cli_names_an_empty_image_folder(tiny_checkpoint, tmp_path):
               "--no-progress"])
 
 
-def test_probes_build_on_mllm_and_grounding_only(repo_root):
-    for path in (repo_root / "probes").glob("*.py"):
-        text = path.read_text()
-        for other in ("misalign", "pruning", "minillava"):
-            assert f"import {other}" not in text and f"from {other}" not in text, (path.name, other)
-
-
 def test_layerwise_table_orders_series(tmp_path: Path):
     from probes.layerwise import table_rows
 
