@@ -13,9 +13,10 @@ from importlib import metadata
 from grounding.metrics import rec_columns, summarize_scores, vqa_columns
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(*extra: str) -> dict[str, str]:
+    """Python's and the toolkit's core packages' versions, and those of the `extra` packages named."""
     versions = {"python": platform.python_version()}
-    for package in ("gap-toolkit", "torch", "transformers", "tokenizers", "numpy", "pyarrow"):
+    for package in ("gap-toolkit", "torch", "transformers", "tokenizers", "numpy", "pyarrow", *extra):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

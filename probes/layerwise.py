@@ -19,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from grounding import RunConfigError, bootstrap_intervals
-from grounding.records import append_records, repair_torn_tail
+from grounding.records import append_records, repair_torn_tail, write_atomic
 from grounding.records import read_records as read_jsonl_records
+from grounding.summary import package_versions
 from probes.activations import EMBEDDINGS, PATCH, ActivationStore, ImageList
 from probes.estimator import SOLVERS, fit_layers, patch_scores
 from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
@@ -268,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = run_config(args)
     check_run_directory(out, config)
-    (out / "config.json").write_text(json.dumps({"run": config}, indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps({"run": config}, indent=2) + "\n")
 
     model = mllm.load(args.model, dtype=args.dtype, device=args.device)
     if args.images:
@@ -288,11 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     train, test = split_images(len(images), args.test_fraction, args.seed)
     rows = table_rows(records, args.target, store.grid, len(test))
     write_table(rows, out / "layerwise.csv")
-    versions = {name: metadata.version(name) for name in ("torch", "transformers", "transformer-lens", "scikit-learn")}
-    (out / "config.json").write_text(json.dumps({
+    versions = package_versions("transformer-lens", "scikit-learn")
+    write_atomic(out / "config.json", json.dumps({
         "run": config, "grid": list(store.grid), "layers": store.spec.layers, "hook_check": store.hook_check,
         "images": {"train": [images.ids[i] for i in train], "test": [images.ids[i] for i in test]},
-        "device": device, "versions": versions, "python": sys.version.split()[0],
+        "device": device, "versions": versions,
     }, indent=2) + "\n")
     title = f"{Path(args.model).name}: linear probe for patch {args.target} ({len(test)} test images)"
     plot_layerwise(rows, out / "layerwise.png", title=title)
