@@ -4,6 +4,15 @@
     corruption = make_corruption("permuted").at(0.5, num_visual=576, seed=0)
 """
 
-from misalign.corruptions import CORRUPTIONS, Corruption, Misalignment, make_corruption, register_corruption
+from misalign.corruptions import (
+    CORRUPTIONS,
+    Corruption,
+    Misalignment,
+    corruption_spec,
+    make_corruption,
+    parse_corruption,
+    register_corruption,
+)
 
-__all__ = ["CORRUPTIONS", "Corruption", "Misalignment", "make_corruption", "register_corruption"]
+__all__ = ["CORRUPTIONS", "Corruption", "Misalignment", "corruption_spec", "make_corruption", "parse_corruption",
+           "register_corruption"]

@@ -11,6 +11,7 @@ positions alone. Strength 0 is always the unablated model. Same seed, same IDs.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +32,29 @@ def make_corruption(kind: str, **options: object) -> Misalignment:
     """The corruption registered as `kind`, e.g. `make_corruption("permuted", window=24)`."""
     if kind not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {kind!r}; choose one of {sorted(CORRUPTIONS)}")
-    return CORRUPTIONS[kind](**options)
+    try:
+        return CORRUPTIONS[kind](**options)
+    except TypeError:
+        accepted = [name for name in inspect.signature(CORRUPTIONS[kind]).parameters]
+        raise ValueError(f"corruption {kind!r} takes options {accepted or 'none'}, got {sorted(options)}") from None
+
+
+def parse_corruption(spec: str) -> Misalignment:
+    """`kind[:name=value,...]`, e.g. `permuted:window=8` or `span-shift:start=32`."""
+    kind, _, arguments = spec.strip().partition(":")
+    options: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in arguments.split(","))):
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"corruption {spec!r}: option {item!r} needs the form name=value")
+        options[name.strip()] = _number(raw.strip())
+    return make_corruption(kind, **options)
+
+
+def corruption_spec(misalignment: Misalignment) -> str:
+    """The spec `parse_corruption` reads back into `misalignment`."""
+    options = [f"{name}={value}" for name, value in vars(misalignment).items() if value is not None]
+    return misalignment.name + (":" + ",".join(options) if options else "")
 
 
 @dataclass(frozen=True)
@@ -109,6 +132,9 @@ class SpanShift(Misalignment):
 
     def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
         span = _integer(strength)
+        if span < 0 or self.start + span > num_visual:
+            raise ValueError(f"span-shift: a span of {span} tokens from token {self.start} does not fit in "
+                             f"{num_visual} visual tokens (need 0 <= start + span <= {num_visual})")
         policy = PositionPolicy("shift", offset=-span, start=self.start + span)
         return Corruption(self._all(num_visual), policy)
 
@@ -125,6 +151,15 @@ class TokenPermutation(Misalignment):
         # The same seeded shuffle the ID permutation uses, applied to the tokens instead of their IDs.
         order = visual_position_ids(self._all(num_visual), 0, num_visual, slots)
         return Corruption(order, PositionPolicy("reassign"))
+
+
+def _number(raw: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def _integer(strength: float) -> int:
