@@ -7,9 +7,9 @@ import pytest
 ANALYSES = ("probes", "misalign", "pruning")
 
 
-@pytest.mark.parametrize("package", ["probes", "misalign"])
+@pytest.mark.parametrize("package", ANALYSES)
 def test_analysis_packages_build_on_mllm_and_grounding_only(repo_root, package):
-    for path in (repo_root / package).glob("*.py"):
+    for path in (repo_root / package).rglob("*.py"):
         text = path.read_text()
         for other in (*ANALYSES, "minillava"):
             if other != package:

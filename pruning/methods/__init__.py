@@ -1,0 +1,5 @@
+"""The built-in pruning methods; importing this package registers each of them."""
+
+from pruning.methods import cls_visual, random_subset, spatial, text_visual
+
+__all__ = ["cls_visual", "random_subset", "spatial", "text_visual"]

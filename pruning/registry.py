@@ -1,0 +1,124 @@
+"""The registry of pruning methods: one class per method, addressable by name with parameters.
+
+    method = make_method("fastv:layer=2")
+    @register_method
+    class MyScorer(VisionPruning): ...   # then `--methods my-scorer` works in the CLI, the package untouched
+
+A method either selects visual tokens before the LLM (`VisionPruning.select`, possibly merging the
+dropped ones into the kept ones) or inside it (`LayerPruningMethod.layer_pruning`, through `mllm`'s
+in-LLM hook). Position IDs are never the method's business: the caller numbers whatever it keeps
+with `mllm`'s one position-ID policy.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+import mllm
+
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    if not getattr(cls, "name", None):
+        raise ValueError(f"{cls.__name__}: a pruning method needs a class attribute `name`")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(spec: str | PruningMethod) -> PruningMethod:
+    """`name[:param=value,...]`, e.g. `random:seed=3` or `prumerge:adaptive=false`."""
+    if isinstance(spec, PruningMethod):
+        return spec
+    name, _, arguments = spec.strip().partition(":")
+    if name not in METHODS:
+        raise ValueError(f"unknown pruning method {name!r}; registered: {', '.join(sorted(METHODS))}")
+    params: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in arguments.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"pruning method {spec!r}: parameter {item!r} needs the form name=value")
+        params[key.strip()] = _value(raw.strip())
+    accepted = list(inspect.signature(METHODS[name]).parameters)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"pruning method {name!r} takes parameters {accepted or 'none'}, got {unknown}")
+    return METHODS[name](**params)
+
+
+def method_spec(method: PruningMethod) -> str:
+    """The spec `make_method` reads back into `method` (parameters left at their defaults omitted)."""
+    defaults = {key: parameter.default for key, parameter in inspect.signature(type(method)).parameters.items()}
+    params = [f"{key}={_format(value)}" for key, value in method.params().items() if value != defaults.get(key)]
+    return method.name + (":" + ",".join(params) if params else "")
+
+
+@dataclass
+class Selection:
+    """What a pre-LLM method keeps, per row, in the order it emits them.
+
+    `kept`: (B, n) original visual-token indices (0..N-1). `features`: (B, n, D) the tokens to feed
+    instead of the originals when the method merged dropped tokens into kept ones; None feeds the
+    originals. A merged token sits at its host's position: the kept index it was merged into.
+    """
+
+    kept: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class PruningMethod:
+    """A pruning method: parameters in the constructor (as scikit-learn), nothing learned."""
+
+    name: ClassVar[str]
+    # Whether the method decides its own number of kept tokens (and reports it) instead of the budget's.
+    adaptive: ClassVar[bool] = False
+
+    def params(self) -> dict[str, object]:
+        return {key: getattr(self, key) for key in inspect.signature(type(self)).parameters}
+
+    def encode_options(self, model: mllm.MLLM) -> dict[str, object]:
+        """Extra `mllm.encode` options the method reads (e.g. vision attentions)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({method_spec(self)!r})"
+
+
+class VisionPruning(PruningMethod):
+    """Selects (and maybe merges) visual tokens before the LLM sees them."""
+
+    def select(self, model: mllm.MLLM, encoding: mllm.Encoding, num_kept: int) -> Selection:
+        raise NotImplementedError
+
+
+class LayerPruningMethod(PruningMethod):
+    """Drops visual tokens inside the LLM, through `mllm.LayerPruning`."""
+
+    def layer_pruning(self, model: mllm.MLLM, encoding: mllm.Encoding, num_kept: int,
+                      policy: str) -> mllm.LayerPruning:
+        raise NotImplementedError
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) indices of the k highest scores per row, best first; ties go to the lower index."""
+    order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def _value(raw: str) -> object:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _format(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
