@@ -22,7 +22,7 @@ from mllm.errors import (
     PromptError,
     UnsupportedModelError,
 )
-from mllm.generation import Generation, PromptBatch, build_prompt_batch, generate
+from mllm.generation import ExtraTokens, Generation, PromptBatch, build_prompt_batch, generate
 from mllm.images import ImageFrame, load_image
 from mllm.layer_pruning import LayerContext, LayerPruning
 from mllm.loading import MLLM, load
@@ -30,7 +30,7 @@ from mllm.positions import PositionPolicy, next_position_id, sequence_position_i
 from mllm.prompts import build_prompt
 
 __all__ = [
-    "MLLM", "CheckpointNotFoundError", "Encoding", "Generation", "ImageFrame", "ImageLoadError",
+    "MLLM", "CheckpointNotFoundError", "Encoding", "ExtraTokens", "Generation", "ImageFrame", "ImageLoadError",
     "KeepSetError", "LayerContext", "LayerPruning", "MLLMError", "ModelAdapter", "PositionPolicy",
     "PromptBatch", "PromptError", "UnsupportedModelError", "build_prompt", "build_prompt_batch",
     "encode", "encode_pixels", "generate", "load", "load_image", "next_position_id", "register_adapter",

@@ -17,7 +17,7 @@ import torch
 from mllm.encoding import Encoding
 from mllm.errors import KeepSetError
 from mllm.layer_pruning import LayerPruning, layer_pruning_hooks
-from mllm.positions import PositionPolicy, sequence_position_ids, validate_kept
+from mllm.positions import PositionPolicy, sequence_position_ids, validate_anchors, validate_kept
 
 if TYPE_CHECKING:
     from mllm.loading import MLLM
@@ -33,7 +33,7 @@ class PromptBatch:
     attention_mask: torch.Tensor  # (B, L')
     position_ids: torch.Tensor  # (B, L'); padding gets 1
     kept: list[torch.Tensor]  # per row: kept visual indices (0..N-1) in the order fed
-    visual_index: list[torch.Tensor]  # per row: sequence positions of those tokens in the batch
+    visual_index: list[torch.Tensor]  # per row: sequence positions of the fed visual tokens (kept, then extra)
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Generation:
     prefill_logits: torch.Tensor | None = None  # (B, L', V) when requested; in-LLM pruning: kept rows only
     prefill_mask: torch.Tensor | None = None  # (B, L') which rows of prefill_logits are real tokens
     step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
+    num_extra: int = 0  # extra tokens (`ExtraTokens`) fed after each row's kept visual tokens
 
 
 def _keep_per_row(keep: KeepSpec, batch: int, num_visual: int) -> list[torch.Tensor]:
@@ -59,20 +60,47 @@ def _keep_per_row(keep: KeepSpec, batch: int, num_visual: int) -> list[torch.Ten
     return [validate_kept(torch.as_tensor(row).cpu(), num_visual) for row in rows]
 
 
+@dataclass
+class ExtraTokens:
+    """Visual tokens without a slot of their own, fed after each row's kept tokens (see `mllm.positions`).
+
+    `features`: (B, m, D) in the LLM's embedding space. `anchors`: (B, m) visual-token indices whose
+    original position IDs they take (under ``reassign`` they are numbered on after the kept tokens).
+    """
+
+    features: torch.Tensor
+    anchors: torch.Tensor
+
+    def check(self, batch: int, num_visual: int) -> None:
+        if self.features.ndim != 3 or self.anchors.shape != self.features.shape[:2] or self.anchors.shape[0] != batch:
+            raise KeepSetError(f"extra tokens need features (batch={batch}, m, D) and anchors (batch, m); got "
+                               f"{tuple(self.features.shape)} and {tuple(self.anchors.shape)}")
+        validate_anchors(self.anchors.flatten(), num_visual)
+
+
 def build_prompt_batch(
-    mllm: MLLM, encoding: Encoding, keep: KeepSpec = None, policy: PositionPolicy | str = "keep"
+    mllm: MLLM, encoding: Encoding, keep: KeepSpec = None, policy: PositionPolicy | str = "keep",
+    extra: ExtraTokens | None = None,
 ) -> PromptBatch:
-    """Select and order each row's visual tokens, number the sequence under `policy`, left-pad."""
+    """Select and order each row's visual tokens (then any `extra`), number the sequence under `policy`, left-pad."""
     policy = PositionPolicy.parse(policy)
     kept_rows = _keep_per_row(keep, encoding.batch_size, encoding.num_visual)
+    if extra is not None:
+        extra.check(encoding.batch_size, encoding.num_visual)
     embeds = encoding.inputs_embeds
-    rows, positions = [], []
+    rows, positions, fed = [], [], []
     for row, kept in enumerate(kept_rows):
         padding, prefix, suffix = encoding.layout(row)
         start = int(encoding.visual_start[row])
         visual = embeds[row, start + kept.to(embeds.device)]
+        anchors = None
+        if extra is not None:
+            visual = torch.cat([visual, extra.features[row].to(device=embeds.device, dtype=embeds.dtype)])
+            anchors = extra.anchors[row]
         rows.append(torch.cat([embeds[row, padding:start], visual, embeds[row, start + encoding.num_visual:]]))
-        positions.append(sequence_position_ids(kept, prefix, encoding.num_visual, suffix, policy))
+        positions.append(sequence_position_ids(kept, prefix, encoding.num_visual, suffix, policy,
+                                               extra_anchors=anchors))
+        fed.append(len(visual))
 
     length = max(len(row) for row in rows)
     pad_id = mllm.tokenizer.pad_token_id
@@ -81,13 +109,13 @@ def build_prompt_batch(
     mask = torch.zeros(len(rows), length, dtype=encoding.attention_mask.dtype, device=embeds.device)
     position_ids = torch.ones(len(rows), length, dtype=torch.long, device=embeds.device)
     visual_index = []
-    for row, (sequence, ids, kept) in enumerate(zip(rows, positions, kept_rows)):
+    for row, (sequence, ids) in enumerate(zip(rows, positions)):
         padding = length - len(sequence)
         batch_embeds[row, padding:] = sequence
         mask[row, padding:] = 1
         position_ids[row, padding:] = ids.to(embeds.device)
         prefix = encoding.layout(row)[1]
-        visual_index.append(padding + prefix + torch.arange(len(kept)))
+        visual_index.append(padding + prefix + torch.arange(fed[row]))
     return PromptBatch(batch_embeds, mask, position_ids, kept_rows, visual_index)
 
 
@@ -114,14 +142,18 @@ def generate(
     stop: Sequence[str] = (),
     layer_pruning: LayerPruning | None = None,
     output_logits: bool = False,
+    extra: ExtraTokens | None = None,
 ) -> Generation:
     """Greedy generation on the kept visual tokens of each row.
 
     `keep`: per row, indices (0..N-1) of the visual tokens to feed, in the order to feed them;
     None keeps all in raster order. `policy`: how the fed tokens are numbered (see
     `mllm.positions`). `layer_pruning`: drop more tokens inside the LLM (see `mllm.layer_pruning`).
+    `extra`: visual tokens without a slot, fed after the kept ones at their anchors' IDs (`ExtraTokens`).
     """
-    prompt = build_prompt_batch(mllm, encoding, keep, policy)
+    if extra is not None and layer_pruning is not None:
+        raise KeepSetError("extra tokens and in-LLM pruning cannot be combined in one call")
+    prompt = build_prompt_batch(mllm, encoding, keep, policy, extra)
     adapter = mllm.adapter
     batch = prompt.inputs_embeds.shape[0]
     device = prompt.inputs_embeds.device
@@ -185,4 +217,5 @@ def generate(
         prefill_logits=prefill_logits,
         prefill_mask=logits_mask if output_logits else None,
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
+        num_extra=0 if extra is None else extra.features.shape[1],
     )

@@ -122,20 +122,47 @@ def visual_position_ids(
     return ids
 
 
+def validate_anchors(anchors: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """Check extra tokens' anchors (1-D integer visual-token indices in [0, num_visual); repeats allowed)."""
+    anchors = torch.as_tensor(anchors)
+    if anchors.ndim != 1 or anchors.dtype.is_floating_point or anchors.dtype == torch.bool:
+        raise KeepSetError(f"extra-token anchors must be 1-D integer visual-token indices, got shape "
+                           f"{tuple(anchors.shape)} of {anchors.dtype}")
+    if anchors.numel() and (int(anchors.min()) < 0 or int(anchors.max()) >= num_visual):
+        raise KeepSetError(f"extra-token anchor out of range: anchors span [{int(anchors.min())}, "
+                           f"{int(anchors.max())}] but the image has {num_visual} visual tokens")
+    return anchors.long().cpu()
+
+
 def sequence_position_ids(
     kept: torch.Tensor,
     prefix_len: int,
     num_visual: int,
     suffix_len: int,
     policy: PositionPolicy | str = "keep",
+    *,
+    extra_anchors: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Position IDs of `prefix | kept visual tokens | suffix` under `policy` (1-D, long, on CPU)."""
+    """Position IDs of `prefix | kept visual tokens | extra tokens | suffix` under `policy` (1-D, long, on CPU).
+
+    Extra tokens are visual tokens without a slot of their own (a merged summary of pruned tokens, a CLS
+    token), fed after the kept ones. Each takes the original ID of its anchor, a visual-token index;
+    under ``reassign`` they continue the consecutive numbering instead.
+    """
     policy = PositionPolicy.parse(policy)
     visual = visual_position_ids(kept, prefix_len, num_visual, policy)
-    suffix_first = prefix_len + (visual.numel() if policy.kind == "reassign" else num_visual)
+    anchors = validate_anchors(extra_anchors if extra_anchors is not None else torch.zeros(0, dtype=torch.long),
+                               num_visual)
+    if policy.kind == "reassign":
+        extra = prefix_len + visual.numel() + torch.arange(anchors.numel())
+        suffix_first = prefix_len + visual.numel() + anchors.numel()
+    else:
+        extra = prefix_len + anchors
+        suffix_first = prefix_len + num_visual
     return torch.cat([
         torch.arange(prefix_len),
         visual,
+        extra,
         suffix_first + torch.arange(suffix_len),
     ])
 

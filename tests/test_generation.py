@@ -122,3 +122,21 @@ def test_bfloat16_matches_transformers_generate(tiny_checkpoint, images):
     assert encoding.inputs_embeds.dtype == torch.bfloat16
     out = model.generate(encoding, max_new_tokens=8)
     assert out.token_ids == transformers_generate_tokens(model, images[:2], encoding.prompts, 8)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reassign"])
+def test_an_extra_token_is_fed_after_the_kept_ones_at_its_anchor(tiny_model, images, policy):
+    encoding = tiny_model.encode(images, PROMPTS)
+    count, moved = encoding.num_visual, 5
+    others = torch.tensor([index for index in range(count) if index != moved])
+    # Token 5 fed as an extra token anchored at itself is token 5 fed last among the kept ones.
+    extra = mllm.ExtraTokens(encoding.visual_features[:, moved : moved + 1], torch.full((len(images), 1), moved))
+    as_extra = tiny_model.generate(encoding, keep=others.expand(len(images), -1), policy=policy, extra=extra,
+                                   max_new_tokens=3, output_logits=True)
+    as_kept = tiny_model.generate(encoding, keep=torch.cat([others, torch.tensor([moved])]).expand(len(images), -1),
+                                  policy=policy, max_new_tokens=3, output_logits=True)
+    assert as_extra.texts == as_kept.texts and as_extra.num_extra == 1
+    assert all(torch.equal(a, b) for a, b in zip(as_extra.position_ids, as_kept.position_ids))
+    torch.testing.assert_close(as_extra.prefill_logits, as_kept.prefill_logits, rtol=0, atol=0)
+    with pytest.raises(mllm.KeepSetError, match="extra tokens need features"):
+        tiny_model.generate(encoding, extra=mllm.ExtraTokens(extra.features, extra.anchors[:1]))

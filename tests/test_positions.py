@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mllm
+from mllm.errors import KeepSetError
 from mllm.positions import PositionPolicy, next_position_id, sequence_position_ids, validate_kept, visual_position_ids
 
 
@@ -177,3 +178,13 @@ def test_policy_parse_and_str():
 def test_policy_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_extra_tokens_take_their_anchors_ids_or_continue_the_numbering():
+    kept, anchors = torch.tensor([1, 4]), torch.tensor([2, 2, 5])
+    keep = sequence_position_ids(kept, 3, 6, 2, "keep", extra_anchors=anchors)
+    assert keep.tolist() == [0, 1, 2, 4, 7, 5, 5, 8, 9, 10]
+    reassign = sequence_position_ids(kept, 3, 6, 2, "reassign", extra_anchors=anchors)
+    assert reassign.tolist() == list(range(10))
+    with pytest.raises(KeepSetError, match="extra-token anchor out of range"):
+        sequence_position_ids(kept, 3, 6, 2, "keep", extra_anchors=torch.tensor([6]))
