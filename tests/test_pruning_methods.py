@@ -21,9 +21,11 @@ from pruning import (
 )
 from pruning.methods.spatial import lattice
 from tests.conftest import PROMPTS
+from tests.test_layer_pruning import manual_reference
 
-VISION_METHODS = sorted(name for name, cls in METHODS.items() if issubclass(cls, VisionPruning))
-RASTER_EMITTERS = ("random", "spatial")
+BUILT_IN = sorted(METHODS)
+# Methods whose emit order is raster order, so that `reassign` at ratio 0 is the unpruned model too.
+RASTER_EMITTERS = ("random", "spatial", "fastv")
 
 
 def encode_for(model, method, images, prompts=PROMPTS):
@@ -35,7 +37,7 @@ def run(model, encoding, method, budget, positions, **options):
                           **options)
 
 
-@pytest.mark.parametrize("name", VISION_METHODS)
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_ratio_zero_reproduces_the_unpruned_model(tiny_model, images, name):
     method = make_method(name)
     encoding = encode_for(tiny_model, method, images)
@@ -47,7 +49,7 @@ def test_ratio_zero_reproduces_the_unpruned_model(tiny_model, images, name):
         torch.testing.assert_close(pruned.prefill_logits, plain.prefill_logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", VISION_METHODS)
+@pytest.mark.parametrize("name", BUILT_IN)
 @pytest.mark.parametrize("budget", ["0.25", "0.5", "0.9", "keep=3"])
 def test_every_method_keeps_the_number_asked(tiny_model, images, name, budget):
     method = make_method(name)
@@ -61,7 +63,7 @@ def test_every_method_keeps_the_number_asked(tiny_model, images, name, budget):
             assert all(torch.equal(kept, kept.sort().values) for kept in generation.kept)
 
 
-@pytest.mark.parametrize("name", VISION_METHODS)
+@pytest.mark.parametrize("name", BUILT_IN)
 def test_a_batch_of_four_equals_four_single_calls(tiny_model, images, name):
     method = make_method(name)
     batched = run(tiny_model, encode_for(tiny_model, method, images), method, "0.5", "reassign")
@@ -181,3 +183,21 @@ def test_pruning_reaches_generation_through_mllm_only(tiny_model, images):
     encoding = tiny_model.encode(images, PROMPTS)
     generation = prune_generate(tiny_model, encoding, "random:seed=1", "keep=5", "keep", max_new_tokens=2)
     assert isinstance(generation, mllm.Generation) and all(len(kept) == 5 for kept in generation.kept)
+
+
+@pytest.mark.parametrize("positions", ["keep", "reassign"])
+def test_fastv_keeps_rope_positions_against_an_eager_reference(tiny_model_eager, images, positions):
+    model = tiny_model_eager
+    encoding = model.encode(images[3], PROMPTS[3])
+    out = prune_generate(model, encoding, "fastv:layer=2", "keep=6", positions, max_new_tokens=1, output_logits=True)
+    kept = out.kept[0]
+    assert len(kept) == 6
+    reference = manual_reference(model, encoding, 2, kept, policy="keep" if positions == "keep" else "reassign")
+    torch.testing.assert_close(out.prefill_logits[0], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fastv_scores_by_the_last_token_or_by_every_token(tiny_model, images):
+    encoding = tiny_model.encode(images, PROMPTS)
+    last = prune_generate(tiny_model, encoding, "fastv", "0.5", max_new_tokens=1)
+    every = prune_generate(tiny_model, encoding, "fastv:query=all", "0.5", max_new_tokens=1)
+    assert any(not torch.equal(a, b) for a, b in zip(last.kept, every.kept))
