@@ -7,6 +7,7 @@ registering it with `@register_adapter`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -105,6 +106,18 @@ class ModelAdapter:
         """Attention weights (B, H, T, T) of vision layer `layer`, recomputed from its input."""
         raise NotImplementedError
 
+    def vision_queries_keys(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys (B, T, D_vision each, heads side by side, unscaled) of vision layer `layer` on its input."""
+        raise NotImplementedError
+
+    def projector_inputs(self, vision_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(B, N, D_vision): the patch tokens the projector reads, picked from the tower's hidden states."""
+        raise NotImplementedError
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, n, D_vision) vision features -> (B, n, D_llm) visual tokens, through the projector."""
+        raise NotImplementedError
+
     def vision_patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, rows * cols, D): a vision hidden state's patch tokens in raster order (CLS and the like dropped)."""
         raise NotImplementedError
@@ -184,15 +197,23 @@ class LlavaAdapter(ModelAdapter):
         return features, (tuple(outputs.hidden_states) if output_hidden_states else None)
 
     def vision_attention(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        encoder_layer = self.vision_layers[layer]
-        attention = encoder_layer.self_attn
-        normed = encoder_layer.layer_norm1(hidden_states)
-        batch, length, _ = normed.shape
+        attention = self.vision_layers[layer].self_attn
+        batch, length, _ = hidden_states.shape
         shape = (batch, length, attention.num_heads, attention.head_dim)
-        queries = attention.q_proj(normed).view(shape).transpose(1, 2)
-        keys = attention.k_proj(normed).view(shape).transpose(1, 2)
+        queries, keys = (part.view(shape).transpose(1, 2) for part in self.vision_queries_keys(layer, hidden_states))
         scores = queries.float() @ keys.float().transpose(-1, -2) * attention.scale
         return scores.softmax(dim=-1)
+
+    def vision_queries_keys(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        encoder_layer = self.vision_layers[layer]
+        normed = encoder_layer.layer_norm1(hidden_states)
+        return encoder_layer.self_attn.q_proj(normed), encoder_layer.self_attn.k_proj(normed)
+
+    def projector_inputs(self, vision_hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.vision_patch_tokens(vision_hidden_states[self.model.config.vision_feature_layer])
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(features)
 
     def vision_patch_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states[:, 1:]  # CLIP puts its CLS token first

@@ -30,13 +30,17 @@ def mllm_policy(positions: str) -> str:
 
 
 def check_selection(selection: Selection, encoding: mllm.Encoding, method: PruningMethod) -> None:
-    kept = selection.kept
-    if kept.ndim != 2 or kept.shape[0] != encoding.batch_size:
-        raise mllm.KeepSetError(f"{method!r} returned kept indices of shape {tuple(kept.shape)}; "
-                                f"need (batch={encoding.batch_size}, n_keep)")
-    if selection.features is not None and selection.features.shape[:2] != kept.shape:
-        raise mllm.KeepSetError(f"{method!r} returned features of shape {tuple(selection.features.shape)} for "
-                                f"kept indices of shape {tuple(kept.shape)}")
+    if len(selection.kept) != encoding.batch_size:
+        raise mllm.KeepSetError(f"{method!r} returned keep sets for {len(selection.kept)} rows; the batch has "
+                                f"{encoding.batch_size}")
+    for row, (kept, features) in enumerate(selection.rows()):
+        if kept.ndim != 1:
+            raise mllm.KeepSetError(f"{method!r} returned a keep set of shape {tuple(kept.shape)} for row {row}")
+        if features is not None and features.shape[0] != kept.shape[0]:
+            raise mllm.KeepSetError(f"{method!r} returned {features.shape[0]} merged features for {kept.shape[0]} "
+                                    f"kept tokens in row {row}")
+    if (selection.extra is None) != (selection.extra_anchors is None):
+        raise mllm.KeepSetError(f"{method!r} returned extra tokens without anchors, or anchors without tokens")
 
 
 def with_merged_features(encoding: mllm.Encoding, selection: Selection) -> mllm.Encoding:
@@ -44,9 +48,9 @@ def with_merged_features(encoding: mllm.Encoding, selection: Selection) -> mllm.
     if selection.features is None:
         return encoding
     embeds = encoding.inputs_embeds.clone()
-    rows = torch.arange(encoding.batch_size, device=embeds.device)[:, None]
-    slots = encoding.visual_start.to(embeds.device)[:, None] + selection.kept.to(embeds.device)
-    embeds[rows, slots] = selection.features.to(embeds.dtype)
+    for row, (kept, features) in enumerate(selection.rows()):
+        slots = int(encoding.visual_start[row]) + kept.to(embeds.device)
+        embeds[row, slots] = features.to(embeds.dtype)
     return dataclasses.replace(encoding, inputs_embeds=embeds)
 
 
@@ -65,9 +69,13 @@ def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMet
         return mllm.generate(model, encoding, layer_pruning=pruning, **generate_options)
     if not isinstance(method, VisionPruning):
         raise TypeError(f"{method!r} is neither a VisionPruning nor a LayerPruningMethod")
-    selection = method.select(model, encoding, num_kept)
+    with torch.no_grad():
+        selection = method.select(model, encoding, num_kept)
     check_selection(selection, encoding, method)
     # Merged features are written into their hosts' slots, so reordering the kept indices carries them along.
-    kept = selection.kept if positions == "reassign" else selection.kept.sort(dim=1).values
-    return mllm.generate(model, with_merged_features(encoding, selection), keep=kept, policy=policy,
+    kept = [row.cpu() if positions == "reassign" else row.sort().values.cpu() for row in selection.kept]
+    extra = None
+    if selection.extra is not None:
+        extra = mllm.ExtraTokens(selection.extra, selection.extra_anchors)
+    return mllm.generate(model, with_merged_features(encoding, selection), keep=kept, policy=policy, extra=extra,
                          **generate_options)

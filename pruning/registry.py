@@ -61,13 +61,22 @@ def method_spec(method: PruningMethod) -> str:
 class Selection:
     """What a pre-LLM method keeps, per row, in the order it emits them.
 
-    `kept`: (B, n) original visual-token indices (0..N-1). `features`: (B, n, D) the tokens to feed
-    instead of the originals when the method merged dropped tokens into kept ones; None feeds the
+    `kept`: (B, n) original visual-token indices (0..N-1), or one 1-D tensor per row when the method
+    decides its own count per image. `features`: the tokens to feed instead of the originals when
+    the method merged dropped tokens into kept ones, (B, n, D) or one (n, D) per row; None feeds the
     originals. A merged token sits at its host's position: the kept index it was merged into.
+    `extra`: (B, m, D) tokens with no patch of their own (a summary of the pruned ones, a CLS token),
+    fed after the kept ones; `extra_anchors` (B, m): the patches whose position IDs they take.
     """
 
-    kept: torch.Tensor
-    features: torch.Tensor | None = None
+    kept: torch.Tensor | list[torch.Tensor]
+    features: torch.Tensor | list[torch.Tensor] | None = None
+    extra: torch.Tensor | None = None
+    extra_anchors: torch.Tensor | None = None
+
+    def rows(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        features = [None] * len(self.kept) if self.features is None else list(self.features)
+        return list(zip(list(self.kept), features))
 
 
 class PruningMethod:

@@ -175,3 +175,13 @@ def test_in_llm_pruning_errors(tiny_model, images):
         tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(99, fixed(torch.zeros(2, 1))))
     with pytest.raises(ValueError, match="policies"):
         mllm.LayerPruning(1, fixed(torch.zeros(2, 1)), policy="permute")
+
+
+def test_the_projector_inputs_projected_are_the_visual_tokens(tiny_model, images):
+    encoding = tiny_model.encode(images, PROMPTS, vision_hidden_states=True)
+    adapter = tiny_model.adapter
+    projected = adapter.project(adapter.projector_inputs(encoding.vision_hidden_states))
+    torch.testing.assert_close(projected, encoding.visual_features, rtol=0, atol=0)
+    layer = len(adapter.vision_layers) - 1
+    queries, keys = adapter.vision_queries_keys(layer, encoding.vision_hidden_states[layer])
+    assert queries.shape == keys.shape == encoding.vision_hidden_states[layer].shape
