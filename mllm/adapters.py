@@ -106,6 +106,11 @@ class ModelAdapter:
         """Attention weights (B, H, T, T) of vision layer `layer`, recomputed from its input."""
         raise NotImplementedError
 
+    @property
+    def vision_num_heads(self) -> int:
+        """Attention heads per vision layer (the width of `vision_queries_keys` splits into these)."""
+        raise NotImplementedError
+
     def vision_queries_keys(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys (B, T, D_vision each, heads side by side, unscaled) of vision layer `layer` on its input."""
         raise NotImplementedError
@@ -203,6 +208,10 @@ class LlavaAdapter(ModelAdapter):
         queries, keys = (part.view(shape).transpose(1, 2) for part in self.vision_queries_keys(layer, hidden_states))
         scores = queries.float() @ keys.float().transpose(-1, -2) * attention.scale
         return scores.softmax(dim=-1)
+
+    @property
+    def vision_num_heads(self) -> int:
+        return int(self.model.config.vision_config.num_attention_heads)
 
     def vision_queries_keys(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoder_layer = self.vision_layers[layer]

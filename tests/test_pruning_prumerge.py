@@ -32,7 +32,7 @@ def reference_merge(kept, scores, keys, features, neighbours):
 
 def test_merged_tokens_match_the_reference_loop(tiny_model, encoding):
     method = make_method("prumerge:neighbours=5")
-    selection = method.select(tiny_model, encoding, 6)
+    selection = method.select(tiny_model, encoding, 7)  # 6 patches and the summary token
     scores, keys = cls_scores_and_keys(tiny_model, encoding)
     features = tiny_model.adapter.projector_inputs(encoding.vision_hidden_states).float()
     for row, (kept, merged) in enumerate(selection.rows()):
@@ -65,8 +65,8 @@ def test_the_summary_token_is_fed_at_its_anchor(tiny_model, encoding):
 
 
 def test_prumerge_plus_adds_spatial_samples(tiny_model, encoding):
-    plain = make_method("prumerge").select(tiny_model, encoding, 8)
-    plus = make_method("prumerge+").select(tiny_model, encoding, 8)
+    plain = make_method("prumerge").select(tiny_model, encoding, 9)
+    plus = make_method("prumerge+").select(tiny_model, encoding, 9)
     for kept_plain, kept_plus in zip(plain.kept, plus.kept):
         assert len(kept_plus) == 8 and len(set(kept_plus.tolist())) == 8
         assert torch.equal(kept_plus[:2], kept_plain[:2])  # a quarter by score, then the samples

@@ -1,5 +1,5 @@
 """The built-in pruning methods; importing this package registers each of them."""
 
-from pruning.methods import cls_visual, fastv, prumerge, random_subset, spatial, text_visual
+from pruning.methods import cls_visual, fastv, prumerge, random_subset, spatial, text_visual, visionzip
 
-__all__ = ["cls_visual", "fastv", "prumerge", "random_subset", "spatial", "text_visual"]
+__all__ = ["cls_visual", "fastv", "prumerge", "random_subset", "spatial", "text_visual", "visionzip"]

@@ -6,7 +6,8 @@ As LLaVA-PruMerge's reference (42Shawn/LLaVA-PruMerge, `clip_encoder.py`, `token
   query and key projections applied to its input (the features LLaVA feeds its projector).
 - `adaptive=true`: keep the IQR outliers, scores above Q3 + 1.5 IQR (the paper's setting, about 5% of
   the tokens on LLaVA-1.5; the budget is ignored and the count reported). `adaptive=false` (default):
-  keep the budget's number of top-scoring tokens, so that methods compare at equal ratios.
+  keep the top-scoring tokens, as many as make the budget with the summary token, so that methods
+  compare at equal numbers of tokens fed to the LLM.
 - Merge: each kept token adds its `neighbours` most key-similar tokens (cosine; other kept tokens
   included, as in the reference), weighted by their CLS attention, unnormalised, before the projector.
 - `global_token=true` appends one extra token, the CLS-attention-weighted sum of every pruned token.
@@ -87,9 +88,13 @@ class PruMerge(VisionPruning):
     def encode_options(self, model: mllm.MLLM) -> dict[str, object]:
         return {"vision_hidden_states": True}
 
+    def patches(self, num_kept: int) -> int:
+        """Patches to keep so that, with the summary token, `num_kept` tokens reach the LLM."""
+        return max(1, num_kept - int(self.global_token))
+
     def choose(self, scores: torch.Tensor, num_kept: int) -> torch.Tensor:
         """One image's kept indices, in emit order."""
-        count = iqr_outliers(scores) if self.adaptive else num_kept
+        count = iqr_outliers(scores) if self.adaptive else self.patches(num_kept)
         return top_k_indices(scores[None], count)[0]
 
     @torch.no_grad()
@@ -134,6 +139,7 @@ class PruMergePlus(PruMerge):
             step = max(1, num_visual // len(outliers))
             samples = torch.arange(step // 6, num_visual - 1, max(1, step // 3), device=scores.device)
         else:
+            num_kept = self.patches(num_kept)
             outliers = top_k_indices(scores[None], max(1, round(num_kept / 4)))[0]
             others = torch.ones(num_visual, dtype=torch.bool, device=scores.device)
             others[outliers] = False
