@@ -59,8 +59,11 @@ def default_predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: Any) -
 
 
 def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style: PromptStyle,
-                   predict: Predict = default_predict) -> list[dict]:
-    """One record per sample: scored, or an error record saying why it could not be."""
+                   predict: Predict = default_predict, *, encode_options: dict | None = None) -> list[dict]:
+    """One record per sample: scored, or an error record saying why it could not be.
+
+    `encode_options` go to `model.encode` (e.g. the vision attentions a pruning method reads).
+    """
     records: dict[int, dict] = {}
     ready = []
     for sample in samples:
@@ -73,12 +76,13 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
             records[sample.index] = error_record(sample, "image", str(error))
     if ready:
         encoding = model.encode([image for _, image in ready],
-                                [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame)
+                                [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame,
+                                **(encode_options or {}))
         generation = predict(model, encoding, max_new_tokens=style.max_new_tokens(task), stop=style.stop)
         for row, (sample, image) in enumerate(ready):
             text = generation.texts[row].strip()
             record = score_rec(sample, text, image.size, style) if task == "rec" else score_vqa(sample, text)
-            record["num_visual_fed"] = len(generation.kept[row])
+            record["num_visual_fed"] = len(generation.kept[row]) + generation.num_extra
             records[sample.index] = record
     return [records[sample.index] for sample in samples]
 
@@ -125,11 +129,12 @@ def finish(out: Path, selected: Sequence[Sample], task: str, config: dict, resam
 def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: PromptStyle, *,
                    config: dict | None = None, predict: Predict = default_predict, batch_size: int = 8,
                    limit: int | None = None, shard: Shard = Shard(), resamples: int = 1000,
-                   progress: bool = True) -> dict | None:
+                   progress: bool = True, encode_options: dict | None = None) -> dict | None:
     """Evaluate this process's shard of `dataset[:limit]` into `out`, resuming what is there.
 
     Returns the summary once every selected sample has a record (None while other shards still run).
     `config` is what made the run (see `run_config`); a caller adds its own fields (method, ratio).
+    `predict` and `encode_options` let a caller change how the model runs (pruning, ablations).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,7 @@ def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: P
             todo = [sample for sample in chunk if sample.index not in done]
             if not todo:
                 continue
-            records = evaluate_batch(model, chunk, dataset.task, style, predict)
+            records = evaluate_batch(model, chunk, dataset.task, style, predict, encode_options=encode_options)
             append_records(path, [record for record in records if record["index"] not in done])
             bar.update(len(todo))
     return finish(out, selected, dataset.task, config, resamples)

@@ -25,14 +25,12 @@ from pathlib import Path
 import pandas as pd
 
 import mllm
-from grounding import Dataset, GroundingError, PromptStyle, default_style_for, load_dataset, prompt_style
+from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
 from grounding.records import write_atomic
 from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
+from grounding.tasks import HEADLINE, add_task_arguments, check_tasks, task_datasets
 from misalign.corruptions import Misalignment, corruption_spec, parse_corruption
 
-TASKS = ("rec", "vqa")
-# The metric each task's curve shows; the CSV holds all of them.
-HEADLINE = {"rec": "acc@0.5", "vqa": "accuracy"}
 TABLE_COLUMNS = ("corruption", "strength", "seed", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
                  "n")
 
@@ -83,8 +81,6 @@ def run_ablation(model: mllm.MLLM, datasets: Mapping[str, Dataset], misalignment
     for strength in strengths:  # a bad strength fails here, before any run
         misalignment.at(strength, model.num_visual_tokens, seed)
     for task, dataset in datasets.items():
-        if dataset.task != task:
-            raise GroundingError(f"{dataset.source}: given as the {task} data, but its samples are {dataset.task}")
         for strength in strengths:
             config = run_config(model, dataset, style, limit=limit, batch_size=batch_size, corruption=spec,
                                 strength=strength, seed=seed)
@@ -113,48 +109,13 @@ def ablation_table(out: str | Path) -> pd.DataFrame:
     return table.sort_values(["task", "metric", "strength"], ignore_index=True)
 
 
-def task_datasets(args: argparse.Namespace) -> dict[str, Dataset]:
-    """Each requested task's dataset, from --data DIR or that task's --rec / --vqa NAME:PATH."""
-    splits = _splits(args.split)
-    datasets = {}
-    for task in args.tasks:
-        named = getattr(args, task)
-        if named:
-            name, sep, path = named.partition(":")
-            if not sep or not path:
-                raise GroundingError(f"--{task} {named!r}: need DATASET:PATH, e.g. refcoco:/data/RefCOCO")
-            datasets[task] = load_dataset(name, path, splits.get(task, "val"), images=args.images)
-        elif args.data:
-            datasets[task] = load_dataset("jsonl", Path(args.data) / task, splits.get(task, "val"))
-        else:
-            raise GroundingError(f"no data for task {task}: pass --data DIR (with {task}/ in it) or --{task} NAME:PATH")
-    return datasets
-
-
-def _splits(text: str) -> dict[str, str]:
-    if "=" not in text:
-        return dict.fromkeys(TASKS, text)
-    splits = {}
-    for item in text.split(","):
-        task, _, split = item.partition("=")
-        if task.strip() not in TASKS or not split.strip():
-            raise GroundingError(f"--split {text!r}: need SPLIT or TASK=SPLIT,... with TASK in {TASKS}")
-        splits[task.strip()] = split.strip()
-    return splits
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m misalign.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local checkpoint directory (anything mllm.load reads)")
     parser.add_argument("--kind", required=True, help="corruption[:option=value,...], e.g. permuted:window=8")
     parser.add_argument("--strength", required=True, help="comma-separated strengths, e.g. 0,0.1,0.5,1")
-    parser.add_argument("--tasks", default="rec,vqa", type=lambda text: [t for t in text.split(",") if t])
-    parser.add_argument("--data", help="a directory holding rec/SPLIT.jsonl and vqa/SPLIT.jsonl")
-    parser.add_argument("--rec", help="REC dataset as NAME:PATH, e.g. refcoco:/data/RefCOCO")
-    parser.add_argument("--vqa", help="VQA dataset as NAME:PATH, e.g. gqa:/data/GQA")
-    parser.add_argument("--split", default="val", help="SPLIT, or TASK=SPLIT,... (default: val)")
-    parser.add_argument("--images", help="image folder, when not where the dataset's layout expects it")
+    add_task_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="ablation directory, e.g. results/misalign/NAME")
     parser.add_argument("--seed", type=int, default=0, help="draws the corruption (one draw for every image)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
@@ -165,9 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.tasks) - set(TASKS))
-    if unknown or not args.tasks:
-        parser.error(f"--tasks: choose from {','.join(TASKS)}, got {','.join(args.tasks) or 'none'}")
+    check_tasks(parser, args)
     return args
 
 

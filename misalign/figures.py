@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from grounding.tasks import HEADLINE
+
 TASK_STYLES = {"rec": {"color": "tab:red", "marker": "o", "label": "REC (acc@0.5)"},
                "vqa": {"color": "tab:blue", "marker": "s", "label": "VQA (accuracy)"}}
 
@@ -25,7 +27,6 @@ def plot_ablation(table: str | Path | pd.DataFrame, path: str | Path | None = No
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from misalign.ablate import HEADLINE
 
     data = pd.read_csv(table) if isinstance(table, (str, Path)) else table
     metrics = dict(metrics or HEADLINE)

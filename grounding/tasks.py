@@ -1,0 +1,67 @@
+"""The REC and VQA data of an analysis run, as the analysis CLIs take it on the command line.
+
+    --data DIR                      DIR/rec/SPLIT.jsonl and DIR/vqa/SPLIT.jsonl (the miniature's layout)
+    --rec refcoco:/data/RefCOCO     a task's dataset as NAME:PATH (any name `load_dataset` reads)
+    --split val | rec=val,vqa=testdev_balanced
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from grounding.data import Dataset, load_dataset
+from grounding.errors import GroundingError
+
+TASKS = ("rec", "vqa")
+# The metric each task's curves and tables lead with; summaries hold all of them.
+HEADLINE = {"rec": "acc@0.5", "vqa": "accuracy"}
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default="rec,vqa", type=lambda text: [t for t in text.split(",") if t],
+                        help="comma-separated, from rec,vqa (default: both)")
+    parser.add_argument("--data", help="a directory holding rec/SPLIT.jsonl and vqa/SPLIT.jsonl")
+    parser.add_argument("--rec", help="REC dataset as NAME:PATH, e.g. refcoco:/data/RefCOCO")
+    parser.add_argument("--vqa", help="VQA dataset as NAME:PATH, e.g. gqa:/data/GQA")
+    parser.add_argument("--split", default="val", help="SPLIT, or TASK=SPLIT,... (default: val)")
+    parser.add_argument("--images", help="image folder, when not where the dataset's layout expects it")
+
+
+def check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    unknown = sorted(set(args.tasks) - set(TASKS))
+    if unknown or not args.tasks:
+        parser.error(f"--tasks: choose from {','.join(TASKS)}, got {','.join(args.tasks) or 'none'}")
+
+
+def task_datasets(args: argparse.Namespace) -> dict[str, Dataset]:
+    """Each requested task's dataset, from --data DIR or that task's --rec / --vqa NAME:PATH."""
+    splits = _splits(args.split)
+    datasets = {}
+    for task in args.tasks:
+        named = getattr(args, task)
+        if named:
+            name, sep, path = named.partition(":")
+            if not sep or not path:
+                raise GroundingError(f"--{task} {named!r}: need DATASET:PATH, e.g. refcoco:/data/RefCOCO")
+            datasets[task] = load_dataset(name, path, splits.get(task, "val"), images=args.images)
+        elif args.data:
+            datasets[task] = load_dataset("jsonl", Path(args.data) / task, splits.get(task, "val"))
+        else:
+            raise GroundingError(f"no data for task {task}: pass --data DIR (with {task}/ in it) or --{task} NAME:PATH")
+        if datasets[task].task != task:
+            raise GroundingError(f"{datasets[task].source}: given as the {task} data, but its samples are "
+                                 f"{datasets[task].task}")
+    return datasets
+
+
+def _splits(text: str) -> dict[str, str]:
+    if "=" not in text:
+        return dict.fromkeys(TASKS, text)
+    splits = {}
+    for item in text.split(","):
+        task, _, split = item.partition("=")
+        if task.strip() not in TASKS or not split.strip():
+            raise GroundingError(f"--split {text!r}: need SPLIT or TASK=SPLIT,... with TASK in {TASKS}")
+        splits[task.strip()] = split.strip()
+    return splits
