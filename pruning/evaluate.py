@@ -1,0 +1,205 @@
+"""Prune with each method at each budget, number the kept tokens by each position policy, evaluate REC and VQA.
+
+    python -m pruning.evaluate --model DIR --data data/minillava/eval --methods random,fastv,prumerge \
+        --ratios 0.5,0.75 --positions reassign,keep --tasks rec,vqa --out results/pruning/NAME
+
+`--methods` takes parameters (`fastv:layer=3,query=all`); a user's registered method is named the same
+way (`--import my_module` registers it first). `--ratios` are fractions pruned, `--keep` numbers of
+tokens kept; the budget counts every token fed to the LLM. Methods that pick their own count
+(`prumerge:adaptive=true`) run once per policy and report the tokens they fed. Data as in
+`misalign.ablate`: `--data DIR` (rec/ and vqa/ JSONL) or `--rec NAME:PATH --vqa NAME:PATH`.
+
+Each run is a grounding run directory, resumable: OUT/TASK/unpruned/ once, and
+OUT/TASK/METHOD/BUDGET/POLICY/. OUT/pruning.csv (method, budget, positions, task, metric, value,
+CI, n, tokens fed) and OUT/pruning.png/.pdf cover every finished run in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+import mllm
+from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
+from grounding.records import read_records, record_files, write_atomic
+from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
+from grounding.tasks import HEADLINE, add_task_arguments, check_tasks, task_datasets
+from pruning.apply import POSITIONS, mllm_policy, prune_generate
+from pruning.budget import Budget
+from pruning.registry import PruningMethod, make_method, method_spec
+
+TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
+                 "n", "tokens_fed", "num_visual")
+UNPRUNED = "unpruned"
+
+
+def split_method_specs(text: str) -> list[str]:
+    """`random,fastv:layer=3,query=all` -> ['random', 'fastv:layer=3,query=all']: a `name=value` part continues."""
+    specs: list[str] = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and specs:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+
+def parse_budget_list(ratios: str | None, keep: str | None) -> list[Budget]:
+    budgets = [Budget(pruned=float(value)) for value in (ratios or "").split(",") if value.strip()]
+    budgets += [Budget(kept=int(value)) for value in (keep or "").split(",") if value.strip()]
+    if not budgets:
+        raise ValueError("give --ratios (fractions pruned) or --keep (tokens kept)")
+    return budgets
+
+
+def budget_label(method: PruningMethod, budget: Budget) -> str:
+    return "adaptive" if getattr(method, "adaptive", False) is True else str(budget)
+
+
+def slug(spec: str) -> str:
+    return spec.replace(":", "@").replace(",", "_")
+
+
+def run_directory(out: Path, task: str, method: PruningMethod | None = None, budget: str = "",
+                  positions: str = "") -> Path:
+    if method is None:
+        return out / task / UNPRUNED
+    return out / task / slug(method_spec(method)) / budget / positions
+
+
+def pruned_predict(method: PruningMethod, budget: Budget, positions: str) -> Predict:
+    def predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
+        return prune_generate(model, encoding, method, budget, positions, **options)
+
+    return predict
+
+
+def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
+                budgets: Sequence[Budget], out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"),
+                style: PromptStyle | None = None, batch_size: int = 8, limit: int | None = None,
+                resamples: int = 1000, progress: bool = True) -> pd.DataFrame:
+    """The unpruned run, then every (method, budget, policy) run, per task, into `out`; return the table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    style = style or default_style_for(model.model.config.model_type)
+    for policy in positions:
+        mllm_policy(policy)  # an unknown policy fails before any run
+    check_or_write_config(out, {"model": str(model.path)})
+    for task, dataset in datasets.items():
+        base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
+                          num_visual=model.num_visual_tokens)
+        _log(progress, f"{task} unpruned")
+        run_evaluation(model, dataset, run_directory(out, task), style, config={**base, "method": UNPRUNED},
+                       batch_size=batch_size, limit=limit, resamples=resamples, progress=progress)
+        for method in methods:
+            for budget in dict.fromkeys(budget_label(method, b) for b in budgets):
+                for policy in positions:
+                    spec = method_spec(method)
+                    config = {**base, "method": spec, "budget": budget, "positions": policy}
+                    _log(progress, f"{task} {spec} {budget} {policy}")
+                    parsed = Budget.parse(budget) if budget != "adaptive" else Budget(pruned=0.0)
+                    run_evaluation(model, dataset, run_directory(out, task, method, budget, policy), style,
+                                   config=config, predict=pruned_predict(method, parsed, policy),
+                                   encode_options=method.encode_options(model), batch_size=batch_size,
+                                   limit=limit, resamples=resamples, progress=progress)
+    table = pruning_table(out)
+    write_atomic(out / "pruning.csv", table.to_csv(index=False))
+    return table
+
+
+def pruning_table(out: str | Path) -> pd.DataFrame:
+    """One row per (method, budget, positions, task, metric) over every finished run in `out`."""
+    rows = []
+    for path in sorted(Path(out).glob("*/**/summary.json")):
+        summary = json.loads(path.read_text())
+        config = summary["config"]
+        records = read_records(record_files(path.parent)).values()
+        fed = [record["num_visual_fed"] for record in records if record.get("num_visual_fed") is not None]
+        for metric, entry in summary["metrics"].items():
+            rows.append({"method": config["method"], "budget": config.get("budget", "0"),
+                         "positions": config.get("positions", "none"), "task": summary["task"],
+                         "dataset": config["dataset"], "split": config["split"], "metric": metric,
+                         "value": entry["value"], "ci_low": entry["ci95"][0], "ci_high": entry["ci95"][1],
+                         "n": entry["n"], "tokens_fed": sum(fed) / len(fed) if fed else float("nan"),
+                         "num_visual": config["num_visual"]})
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    return table.sort_values(["task", "metric", "method", "budget", "positions"], ignore_index=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    headline = table[[HEADLINE.get(task) == metric for task, metric in zip(table.task, table.metric)]]
+    return "\n".join(f"  {row.task} {row.method:<28} {row.budget:>8} {row.positions:<16} {row.value:.3f} "
+                     f"[{row.ci_low:.3f}, {row.ci_high:.3f}]  tokens {row.tokens_fed:.1f}"
+                     for row in headline.itertuples())
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pruning.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="local checkpoint directory (anything mllm.load reads)")
+    parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. random,fastv:layer=3")
+    parser.add_argument("--ratios", help="comma-separated fractions pruned, e.g. 0.25,0.5,0.75,0.9")
+    parser.add_argument("--keep", help="comma-separated numbers of tokens kept, e.g. 64,144")
+    parser.add_argument("--positions", default="reassign,keep", help=f"comma-separated, from {','.join(POSITIONS)}")
+    add_task_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="results directory, e.g. results/pruning/NAME")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        help="a module to import first (one that registers your own methods)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    check_tasks(parser, args)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pruning.figures import plot_pruning
+
+    try:
+        for module in args.imports:
+            importlib.import_module(module)
+        methods = [make_method(spec) for spec in split_method_specs(args.methods)]
+        budgets = parse_budget_list(args.ratios, args.keep)
+        positions = [policy for policy in args.positions.split(",") if policy]
+        for policy in positions:
+            mllm_policy(policy)
+        datasets = task_datasets(args)
+        model = mllm.load(args.model, dtype=args.dtype, device=args.device)
+        style = prompt_style(args.prompt_style) if args.prompt_style else None
+        table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
+                            batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,
+                            progress=not args.no_progress)
+    except (ValueError, ImportError, GroundingError, mllm.MLLMError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished records are kept in {args.out}; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
+    print(format_table(table))
+    print(f"wrote {args.out / 'pruning.csv'} and {args.out / 'pruning.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The pruning figure: headline accuracy against the fraction of visual tokens pruned, one panel per method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from grounding.tasks import HEADLINE
+
+POLICY_STYLES = {"keep": {"color": "tab:green", "marker": "o", "label": "keep (GAP)"},
+                 "reassign": {"color": "tab:red", "marker": "s", "label": "reassign (emit order)"},
+                 "reassign-raster": {"color": "tab:orange", "marker": "^", "label": "reassign (raster order)"}}
+
+
+def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = None, *,
+                 tasks: tuple[str, ...] = ("rec", "vqa"), title: str | None = None) -> object:
+    """A row per task present, a panel per method: the task's headline metric against the fraction pruned.
+
+    The fraction pruned is measured, 1 - tokens fed / visual tokens, so adaptive methods sit where they
+    landed. The unpruned model is the dotted line in every panel and the first point of every curve.
+    """
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    data = pd.read_csv(table) if isinstance(table, (str, Path)) else table.copy()
+    data["pruned"] = 1 - data.tokens_fed / data.num_visual
+    tasks = [task for task in tasks if (data.task == task).any()] or ["rec"]
+    methods = [method for method in dict.fromkeys(data.method) if method != "unpruned"] or ["unpruned"]
+    figure, axes = plt.subplots(len(tasks), len(methods), figsize=(2.8 * len(methods), 2.8 * len(tasks)),
+                                sharey=True, squeeze=False)
+    for row, task in enumerate(tasks):
+        rows = data[(data.task == task) & (data.metric == HEADLINE[task])]
+        unpruned = rows[rows.method == "unpruned"]
+        for ax, method in zip(axes[row], methods):
+            for policy, style in POLICY_STYLES.items():
+                curve = rows[(rows.method == method) & (rows.positions == policy)]
+                if curve.empty:
+                    continue
+                curve = pd.concat([unpruned, curve]).sort_values("pruned")  # every curve starts unpruned
+                ax.plot(curve.pruned, curve.value, **style)
+                ax.fill_between(curve.pruned, curve.ci_low, curve.ci_high, color=style["color"], alpha=0.15, lw=0)
+            if not unpruned.empty:
+                ax.axhline(float(unpruned.value.iloc[0]), color="0.4", linestyle=":", label="unpruned")
+            ax.set_title(method, fontsize=9)
+            ax.set_xlabel("fraction of visual tokens pruned")
+            ax.set_xlim(-0.02, 1.0)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel(f"{task.upper()} {HEADLINE[task]}")
+    axes[0][0].set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    if path is not None:
+        path = Path(path)
+        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+        plt.close(figure)
+    return figure
