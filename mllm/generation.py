@@ -45,7 +45,7 @@ class Generation:
     kept: list[torch.Tensor]  # visual tokens (original indices) the last LLM layer saw, in order
     position_ids: list[torch.Tensor]  # prompt position IDs fed to the first LLM layer
     prefill_logits: torch.Tensor | None = None  # (B, L', V) when requested; in-LLM pruning: kept rows only
-    prefill_mask: torch.Tensor | None = None  # (B, L') which rows of prefill_logits are real tokens
+    prefill_mask: torch.Tensor | None = None  # (B, L') bool: which rows of prefill_logits are real tokens
     step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
     num_extra: int = 0  # extra tokens (`ExtraTokens`) fed after each row's kept visual tokens
 
@@ -215,7 +215,7 @@ def generate(
         kept=kept,
         position_ids=[prompt.position_ids[row][prompt.attention_mask[row] == 1].cpu() for row in range(batch)],
         prefill_logits=prefill_logits,
-        prefill_mask=logits_mask if output_logits else None,
+        prefill_mask=logits_mask.bool() if output_logits else None,
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
         num_extra=0 if extra is None else extra.features.shape[1],
     )

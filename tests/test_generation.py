@@ -140,3 +140,11 @@ def test_an_extra_token_is_fed_after_the_kept_ones_at_its_anchor(tiny_model, ima
     torch.testing.assert_close(as_extra.prefill_logits, as_kept.prefill_logits, rtol=0, atol=0)
     with pytest.raises(mllm.KeepSetError, match="extra tokens need features"):
         tiny_model.generate(encoding, extra=mllm.ExtraTokens(extra.features, extra.anchors[:1]))
+
+
+def test_the_prefill_mask_is_boolean_and_selects_the_real_rows(tiny_model, images):
+    encoding = tiny_model.encode(images, PROMPTS)
+    out = tiny_model.generate(encoding, max_new_tokens=1, output_logits=True)
+    assert out.prefill_mask.dtype == torch.bool
+    for row in range(len(images)):
+        assert out.prefill_logits[row, out.prefill_mask[row]].shape[0] == int(encoding.attention_mask[row].sum())
