@@ -97,15 +97,18 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return flat
 
 
-def check_or_write_config(out: Path, config: dict) -> None:
-    """A run directory belongs to one configuration; refuse to mix records of two."""
+def check_or_write_config(out: Path, config: dict, *, resumable: Sequence[str] = RESUMABLE_CHANGES) -> None:
+    """A run directory belongs to one configuration; refuse to mix records of two.
+
+    Fields named in `resumable` may differ on a rerun (they do not change what a record is).
+    """
     path = out / "config.json"
     if not path.is_file():
         write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return
     written, current = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(config)))
     changed = sorted(key for key in set(written) | set(current)
-                     if key not in RESUMABLE_CHANGES and written.get(key) != current.get(key))
+                     if key not in resumable and written.get(key) != current.get(key))
     if changed:
         details = "; ".join(f"{key}: {written.get(key)!r} there, {current.get(key)!r} now" for key in changed)
         raise RunConfigError(f"{path}: this directory holds a run with another configuration ({details}). "

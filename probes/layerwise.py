@@ -6,7 +6,9 @@
 
 Writes under --out: `activations/` (the streamed patch tokens, resumable), `records.jsonl` (one line
 per feature set and layer, written as each is fitted; a rerun skips what is there), `layerwise.csv`
-(series, layer, metric, value, ci_low, ci_high), `config.json` and `layerwise.png` / `.pdf`.
+(series, layer, metric, value, ci_low, ci_high), `config.json` (the settings; a rerun with others is
+refused), `layerwise.json` (grid, layers, train/test image ids, hook check, versions) and
+`layerwise.png` / `.pdf`.
 
 Series: `probe` (hidden state k), `shuffled labels` (the same probe trained on labels permuted
 across training patches), `patch embedding` and `patch + position embedding` (before any block),
@@ -25,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from grounding import RunConfigError, bootstrap_intervals
+from grounding import bootstrap_intervals
 from grounding.records import append_records, repair_torn_tail, write_atomic
 from grounding.records import read_records as read_jsonl_records
+from grounding.runner import check_or_write_config
 from grounding.summary import package_versions
 from probes.activations import EMBEDDINGS, PATCH, ActivationStore, ImageList
 from probes.estimator import SOLVERS, fit_layers, patch_scores
@@ -246,16 +249,6 @@ def run_config(args: argparse.Namespace) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
 
 
-def check_run_directory(out: Path, config: dict) -> None:
-    path = out / "config.json"
-    if path.is_file():
-        saved = json.loads(path.read_text()).get("run", {})
-        if saved != config:
-            changed = sorted(key for key in set(saved) | set(config) if saved.get(key) != config.get(key))
-            raise RunConfigError(f"{path}: written by a run with other settings ({', '.join(changed)}); "
-                                 "use a new --out")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     import mllm
@@ -266,8 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     config = run_config(args)
-    check_run_directory(out, config)
-    write_atomic(out / "config.json", json.dumps({"run": config}, indent=2) + "\n")
+    check_or_write_config(out, config, resumable=())  # every probe setting changes the results
 
     model = mllm.load(args.model, dtype=args.dtype, device=args.device)
     if args.images:
@@ -288,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = table_rows(records, args.target, store.grid, len(test))
     write_table(rows, out / "layerwise.csv")
     versions = package_versions("transformer-lens", "scikit-learn")
-    write_atomic(out / "config.json", json.dumps({
+    write_atomic(out / "layerwise.json", json.dumps({
         "run": config, "grid": list(store.grid), "layers": store.spec.layers, "hook_check": store.hook_check,
         "images": {"train": [images.ids[i] for i in train], "test": [images.ids[i] for i in test]},
         "device": device, "versions": versions,

@@ -11,10 +11,11 @@ import torch
 from sklearn.base import clone
 
 import mllm
+from grounding import RunConfigError
 from probes import PositionProbe, chance, fit_layers, patch_labels, target_values
 from probes.activations import PATCH, PATCH_POS, ActivationStore, ImageList, StoreMismatchError, extract_activations
 from probes.bridge import VisionHooks, boot_bridge
-from probes.layerwise import RunConfigError, flat, main, run_layerwise, split_images
+from probes.layerwise import flat, main, run_layerwise, split_images
 from probes.targets import distance
 from tests.conftest import random_image
 
@@ -259,11 +260,12 @@ def test_cli_writes_table_config_and_figure_and_resumes(tiny_checkpoint, tmp_pat
 
     argv = arguments("row")
     assert main(argv) == 0
-    for name in ("layerwise.csv", "layerwise.png", "layerwise.pdf", "config.json", "records.jsonl"):
+    for name in ("layerwise.csv", "layerwise.png", "layerwise.pdf", "config.json", "layerwise.json", "records.jsonl"):
         assert (out / name).is_file(), name
-    config = json.loads((out / "config.json").read_text())
-    assert config["layers"] == [0, 3] and config["run"]["target"] == "row"
-    assert not set(config["images"]["train"]) & set(config["images"]["test"])
+    assert json.loads((out / "config.json").read_text())["target"] == "row"
+    metadata = json.loads((out / "layerwise.json").read_text())
+    assert metadata["layers"] == [0, 3] and metadata["run"]["target"] == "row"
+    assert not set(metadata["images"]["train"]) & set(metadata["images"]["test"])
     table = (out / "layerwise.csv").read_text().splitlines()
     assert table[0] == "series,layer,metric,value,ci_low,ci_high,n_test_images"
     assert any(line.startswith("chance,,accuracy,0.25,") for line in table)
