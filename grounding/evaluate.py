@@ -21,6 +21,7 @@ from grounding.data import DATASETS, load_dataset
 from grounding.errors import GroundingError
 from grounding.prompts import default_style_for, prompt_style
 from grounding.runner import Shard, run_config, run_evaluation
+from grounding.tasks import add_run_arguments
 from mllm.images import FRAME_KINDS
 
 
@@ -32,20 +33,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--split", default="val")
     parser.add_argument("--out", required=True, help="run directory, e.g. results/refcoco-val")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples")
     parser.add_argument("--images", help="image folder, when not where the layout expects it")
     parser.add_argument("--split-by", help="refer layout: unc, umd or google (default by dataset)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
     parser.add_argument("--box-format", choices=BOX_FORMATS)
     parser.add_argument("--image-frame", choices=FRAME_KINDS, help="how the image is shown to the model")
     parser.add_argument("--answer-frame", choices=FRAME_KINDS, help="what the answer's coordinates are fractions of")
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--shard", help="r/n: evaluate every n-th sample from r (default: RANK/WORLD_SIZE)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 

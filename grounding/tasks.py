@@ -1,4 +1,4 @@
-"""The REC and VQA data of an analysis run, as the analysis CLIs take it on the command line.
+"""The REC and VQA data and the run settings of an evaluation, as the CLIs take them on the command line.
 
     --data DIR                      DIR/rec/SPLIT.jsonl and DIR/vqa/SPLIT.jsonl (the miniature's layout)
     --rec refcoco:/data/RefCOCO     a task's dataset as NAME:PATH (any name `load_dataset` reads)
@@ -26,6 +26,17 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vqa", help="VQA dataset as NAME:PATH, e.g. gqa:/data/GQA")
     parser.add_argument("--split", default="val", help="SPLIT, or TASK=SPLIT,... (default: val)")
     parser.add_argument("--images", help="image folder, when not where the dataset's layout expects it")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the model runs and how the run reports: the same flags in every evaluation CLI."""
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples (of each task)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

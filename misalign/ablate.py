@@ -28,7 +28,7 @@ import mllm
 from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
 from grounding.records import write_atomic
 from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
-from grounding.tasks import HEADLINE, add_task_arguments, check_tasks, task_datasets
+from grounding.tasks import HEADLINE, add_run_arguments, add_task_arguments, check_tasks, task_datasets
 from misalign.corruptions import Misalignment, corruption_spec, parse_corruption
 
 TABLE_COLUMNS = ("corruption", "strength", "seed", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
@@ -118,13 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_task_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="ablation directory, e.g. results/misalign/NAME")
     parser.add_argument("--seed", type=int, default=0, help="draws the corruption (one draw for every image)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     check_tasks(parser, args)
     return args
@@ -139,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         strengths = parse_strengths(args.strength)
         datasets = task_datasets(args)
         model = mllm.load(args.model, dtype=args.dtype, device=args.device)
-        style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(
-            model.model.config.model_type)
+        style = prompt_style(args.prompt_style) if args.prompt_style else None  # None: the checkpoint's own
         table = run_ablation(model, datasets, misalignment, strengths, args.out, style=style, seed=args.seed,
                              batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,
                              progress=not args.no_progress)

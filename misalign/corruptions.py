@@ -19,6 +19,7 @@ import torch
 
 from mllm import PositionPolicy
 from mllm.positions import visual_position_ids
+from mllm.specs import format_spec, parse_spec
 
 CORRUPTIONS: dict[str, type[Misalignment]] = {}
 
@@ -41,20 +42,14 @@ def make_corruption(kind: str, **options: object) -> Misalignment:
 
 def parse_corruption(spec: str) -> Misalignment:
     """`kind[:name=value,...]`, e.g. `permuted:window=8` or `span-shift:start=32`."""
-    kind, _, arguments = spec.strip().partition(":")
-    options: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in arguments.split(","))):
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"corruption {spec!r}: option {item!r} needs the form name=value")
-        options[name.strip()] = _number(raw.strip())
+    kind, options = parse_spec(spec, "corruption", "option")
     return make_corruption(kind, **options)
 
 
 def corruption_spec(misalignment: Misalignment) -> str:
     """The spec `parse_corruption` reads back into `misalignment`."""
-    options = [f"{name}={value}" for name, value in vars(misalignment).items() if value is not None]
-    return misalignment.name + (":" + ",".join(options) if options else "")
+    return format_spec(misalignment.name, {name: value for name, value in vars(misalignment).items()
+                                           if value is not None})
 
 
 @dataclass(frozen=True)
@@ -151,15 +146,6 @@ class TokenPermutation(Misalignment):
         # The same seeded shuffle the ID permutation uses, applied to the tokens instead of their IDs.
         order = visual_position_ids(self._all(num_visual), 0, num_visual, slots)
         return Corruption(order, PositionPolicy("reassign"))
-
-
-def _number(raw: str) -> object:
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def _integer(strength: float) -> int:

@@ -29,7 +29,7 @@ import mllm
 from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
 from grounding.records import read_records, record_files, write_atomic
 from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
-from grounding.tasks import HEADLINE, add_task_arguments, check_tasks, task_datasets
+from grounding.tasks import HEADLINE, add_run_arguments, add_task_arguments, check_tasks, task_datasets
 from pruning.apply import POSITIONS, mllm_policy, prune_generate
 from pruning.budget import Budget
 from pruning.registry import PruningMethod, make_method, method_spec
@@ -87,11 +87,11 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
                 style: PromptStyle | None = None, batch_size: int = 8, limit: int | None = None,
                 resamples: int = 1000, progress: bool = True) -> pd.DataFrame:
     """The unpruned run, then every (method, budget, policy) run, per task, into `out`; return the table."""
+    for policy in positions:
+        mllm_policy(policy)  # an unknown policy fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     style = style or default_style_for(model.model.config.model_type)
-    for policy in positions:
-        mllm_policy(policy)  # an unknown policy fails before any run
     check_or_write_config(out, {"model": str(model.path)})
     for task, dataset in datasets.items():
         base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
@@ -158,13 +158,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="results directory, e.g. results/pruning/NAME")
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         help="a module to import first (one that registers your own methods)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     check_tasks(parser, args)
     return args
@@ -180,8 +174,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = [make_method(spec) for spec in split_method_specs(args.methods)]
         budgets = parse_budget_list(args.ratios, args.keep)
         positions = [policy for policy in args.positions.split(",") if policy]
-        for policy in positions:
-            mllm_policy(policy)
         datasets = task_datasets(args)
         model = mllm.load(args.model, dtype=args.dtype, device=args.device)
         style = prompt_style(args.prompt_style) if args.prompt_style else None

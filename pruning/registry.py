@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 import mllm
+from mllm.specs import format_spec, parse_spec
 
 METHODS: dict[str, type[PruningMethod]] = {}
 
@@ -34,15 +35,9 @@ def make_method(spec: str | PruningMethod) -> PruningMethod:
     """`name[:param=value,...]`, e.g. `random:seed=3` or `prumerge:adaptive=false`."""
     if isinstance(spec, PruningMethod):
         return spec
-    name, _, arguments = spec.strip().partition(":")
+    name, params = parse_spec(spec, "pruning method")
     if name not in METHODS:
         raise ValueError(f"unknown pruning method {name!r}; registered: {', '.join(sorted(METHODS))}")
-    params: dict[str, object] = {}
-    for item in filter(None, (part.strip() for part in arguments.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"pruning method {spec!r}: parameter {item!r} needs the form name=value")
-        params[key.strip()] = _value(raw.strip())
     accepted = list(inspect.signature(METHODS[name]).parameters)
     unknown = sorted(set(params) - set(accepted))
     if unknown:
@@ -53,8 +48,8 @@ def make_method(spec: str | PruningMethod) -> PruningMethod:
 def method_spec(method: PruningMethod) -> str:
     """The spec `make_method` reads back into `method` (parameters left at their defaults omitted)."""
     defaults = {key: parameter.default for key, parameter in inspect.signature(type(method)).parameters.items()}
-    params = [f"{key}={_format(value)}" for key, value in method.params().items() if value != defaults.get(key)]
-    return method.name + (":" + ",".join(params) if params else "")
+    return format_spec(method.name, {key: value for key, value in method.params().items()
+                                     if value != defaults.get(key)})
 
 
 @dataclass
@@ -116,18 +111,3 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, k) indices of the k highest scores per row, best first; ties go to the lower index."""
     order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
     return order[:, :k]
-
-
-def _value(raw: str) -> object:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
-
-
-def _format(value: object) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
