@@ -61,7 +61,7 @@ def parse_budget_list(ratios: str | None, keep: str | None) -> list[Budget]:
 
 
 def budget_label(method: PruningMethod, budget: Budget) -> str:
-    return "adaptive" if getattr(method, "adaptive", False) is True else str(budget)
+    return "adaptive" if method.adaptive else str(budget)
 
 
 def slug(spec: str) -> str:

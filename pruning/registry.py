@@ -78,8 +78,9 @@ class PruningMethod:
     """A pruning method: parameters in the constructor (as scikit-learn), nothing learned."""
 
     name: ClassVar[str]
-    # Whether the method decides its own number of kept tokens (and reports it) instead of the budget's.
-    adaptive: ClassVar[bool] = False
+    # Whether the method decides its own number of kept tokens (and reports it) instead of the budget's;
+    # a method may make it a parameter (`prumerge:adaptive=true`).
+    adaptive: bool = False
 
     def params(self) -> dict[str, object]:
         return {key: getattr(self, key) for key in inspect.signature(type(self)).parameters}
