@@ -31,6 +31,7 @@ from grounding.records import (
 )
 from grounding.scoring import error_record, score_rec, score_vqa
 from grounding.summary import metrics_csv, package_versions, summarize, summary_json
+from mllm.cost import peak_memory, prefill_flops
 
 # A predictor runs the model on an encoded batch; pruning and ablations pass their own.
 Predict = Callable[..., mllm.Generation]
@@ -78,13 +79,28 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
         encoding = model.encode([image for _, image in ready],
                                 [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame,
                                 **(encode_options or {}))
-        generation = predict(model, encoding, max_new_tokens=style.max_new_tokens(task), stop=style.stop)
+        with peak_memory(model.device) as memory:
+            generation = predict(model, encoding, max_new_tokens=style.max_new_tokens(task), stop=style.stop)
+        cost = generation_cost(model, generation, memory["bytes"])
         for row, (sample, image) in enumerate(ready):
             text = generation.texts[row].strip()
             record = score_rec(sample, text, image.size, style) if task == "rec" else score_vqa(sample, text)
             record["num_visual_fed"] = len(generation.kept[row]) + generation.num_extra
-            records[sample.index] = record
+            records[sample.index] = {**record, **cost[row]}
     return [records[sample.index] for sample in samples]
+
+
+def generation_cost(model: mllm.MLLM, generation: mllm.Generation, peak_bytes: int | None) -> list[dict]:
+    """Per row: analytic prefill FLOPs, its share of the batch's prefill time, the batch's seconds per decoding
+    step, and the batch's peak accelerator memory (None off CUDA). Times are per batch, so they depend on
+    `--batch-size`; compare runs made with the same one."""
+    rows = len(generation.texts)
+    flops = [None] * rows
+    if generation.layer_tokens is not None:  # a caller's own predict may not say what each layer saw
+        flops = prefill_flops(model.adapter, generation.layer_tokens).tolist()
+    step = generation.decode_seconds / generation.decode_steps if generation.decode_steps else None
+    return [{"prefill_flops": flops[row], "prefill_seconds": generation.prefill_seconds / rows,
+             "decode_seconds_per_step": step, "peak_memory_bytes": peak_bytes} for row in range(rows)]
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

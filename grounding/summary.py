@@ -37,10 +37,30 @@ def summarize(records: Sequence[dict], task: str, *, resamples: int = 1000, seed
         "errors_by_kind": dict(sorted(Counter(record["error_kind"] for record in errors).items())),
         "metrics": summarize_scores(columns, resamples=resamples, seed=seed),
     }
+    summary["cost"] = cost_summary(scored)
     if task == "rec":
         summary["n_unparsed"] = sum(not record["parsed"] for record in scored)
         summary["lmms_eval_parse_disagreements"] = sum(not record["lmms_eval_agrees"] for record in scored)
     return summary
+
+
+COST_FIELDS = ("num_visual_fed", "prefill_flops", "prefill_seconds", "decode_seconds_per_step")
+# Wall-clock and memory readings: the fields of a record that two identical runs do not reproduce.
+MEASURED_FIELDS = ("prefill_seconds", "decode_seconds_per_step", "peak_memory_bytes")
+
+
+def cost_summary(records: Sequence[dict]) -> dict:
+    """Means of the per-sample cost fields, and the largest peak memory, over the records that have them.
+
+    Records written before a field existed (a run resumed across versions) are left out of its mean.
+    """
+    cost = {}
+    for name in COST_FIELDS:
+        values = [record[name] for record in records if record.get(name) is not None]
+        cost[name] = sum(values) / len(values) if values else None
+    peaks = [record["peak_memory_bytes"] for record in records if record.get("peak_memory_bytes") is not None]
+    cost["peak_memory_bytes"] = max(peaks) if peaks else None
+    return cost
 
 
 def metrics_csv(summary: dict) -> str:

@@ -7,6 +7,7 @@ explicit: position IDs with gaps and no mask would be read by transformers as pa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ class Generation:
     prefill_mask: torch.Tensor | None = None  # (B, L') bool: which rows of prefill_logits are real tokens
     step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
     num_extra: int = 0  # extra tokens (`ExtraTokens`) fed after each row's kept visual tokens
+    layer_tokens: torch.Tensor | None = None  # (B, num_layers): real prompt tokens each LLM layer saw at prefill
+    prefill_seconds: float = 0.0  # wall time of the batch's prefill (the LLM on the prompt, first logits)
+    decode_seconds: float = 0.0  # wall time of the decoding steps after it
+    decode_steps: int = 0  # LLM forward passes after the prefill (tokens decoded per row, at most)
 
 
 def _keep_per_row(keep: KeepSpec, batch: int, num_visual: int) -> list[torch.Tensor]:
@@ -126,6 +131,13 @@ def _eos_ids(mllm: MLLM) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
 
+def _clock(device: torch.device) -> float:
+    """Wall time once the device's queued work is done, so GPU kernels are timed and not just launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     hits = [text.index(s) for s in stop if s in text]
     return (text[: min(hits)], True) if hits else (text, False)
@@ -175,6 +187,8 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = [max_new_tokens] * batch
     step_logits = []
+    started = _clock(device)
+    prefill_done = None
     with hooks as state:
         out = adapter.language_model(inputs_embeds=prompt.inputs_embeds, attention_mask=mask,
                                      position_ids=prompt.position_ids, use_cache=True)
@@ -182,6 +196,7 @@ def generate(
         hidden = out.last_hidden_state
         prefill_logits = adapter.lm_head(hidden) if output_logits else None
         logits = prefill_logits[:, -1] if output_logits else adapter.lm_head(hidden[:, -1])
+        prefill_done = _clock(device)
         for step in range(max_new_tokens):
             if output_logits:
                 step_logits.append(logits.float())
@@ -202,11 +217,15 @@ def generate(
                 inputs_embeds=adapter.embed_tokens(token[:, None]), attention_mask=mask,
                 position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
             logits = adapter.lm_head(out.last_hidden_state[:, -1])
+    finished_at = _clock(device)
 
     kept, logits_mask = prompt.kept, prompt.attention_mask
+    num_layers = len(adapter.decoder_layers)
+    layer_tokens = prompt.attention_mask.sum(dim=1, keepdim=True).expand(-1, num_layers)
     if state is not None:
         kept = [row_kept[state.kept_visual[row].cpu()] for row, row_kept in enumerate(prompt.kept)]
         logits_mask = prompt.attention_mask.gather(1, state.sequence_keep)
+        layer_tokens = state.prefill_tokens(num_layers)
     token_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     texts = [_cut_at_stop(mllm.tokenizer.decode(ids, skip_special_tokens=True), stop)[0] for ids in token_ids]
     return Generation(
@@ -218,4 +237,8 @@ def generate(
         prefill_mask=logits_mask.bool() if output_logits else None,
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
         num_extra=0 if extra is None else extra.features.shape[1],
+        layer_tokens=layer_tokens.cpu(),
+        prefill_seconds=prefill_done - started,
+        decode_seconds=finished_at - prefill_done,
+        decode_steps=max(0, generated.shape[1] - 1),
     )

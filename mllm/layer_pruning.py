@@ -85,6 +85,13 @@ class _PruningState:
     def prefill_length(self) -> int:
         return self.attention_mask.shape[1]
 
+    def prefill_tokens(self, num_layers: int) -> torch.Tensor:
+        """(B, num_layers): the real (unpadded) prompt tokens each decoder layer processed at prefill."""
+        full = self.attention_mask.sum(dim=1)
+        kept = _gather(self.attention_mask, 1, self.sequence_keep).sum(dim=1)
+        layers = torch.arange(num_layers, device=full.device)
+        return torch.where(layers[None] < self.pruning.layer, full[:, None], kept[:, None])
+
 
 def _gather(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """Gather along `dim` with a (B, n) index, broadcasting over every other dimension."""

@@ -11,7 +11,9 @@ tokens kept; the budget counts every token fed to the LLM. Methods that pick the
 
 Each run is a grounding run directory, resumable: OUT/TASK/unpruned/ once, and
 OUT/TASK/METHOD/BUDGET/POLICY/. OUT/pruning.csv (method, budget, positions, task, metric, value,
-CI, n, tokens fed) and OUT/pruning.png/.pdf cover every finished run in OUT.
+CI, n, and the cost: visual tokens fed, analytic prefill GFLOPs, prefill ms per sample, ms per decoding
+step, peak CUDA memory) and OUT/pruning.png/.pdf cover every finished run in OUT. The times are
+measured per batch (a sample's share of its batch's prefill): compare runs made with one --batch-size.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pandas as pd
 
 import mllm
 from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
-from grounding.records import read_records, record_files, write_atomic
+from grounding.records import write_atomic
 from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
 from grounding.tasks import HEADLINE, add_run_arguments, add_task_arguments, check_tasks, task_datasets
 from pruning.apply import POSITIONS, mllm_policy, prune_generate
@@ -35,7 +37,8 @@ from pruning.budget import Budget
 from pruning.registry import PruningMethod, make_method, method_spec
 
 TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
-                 "n", "tokens_fed", "num_visual")
+                 "n", "tokens_fed", "num_visual", "prefill_gflops", "prefill_ms", "decode_ms_per_step",
+                 "peak_memory_mib")
 UNPRUNED = "unpruned"
 
 
@@ -121,15 +124,18 @@ def pruning_table(out: str | Path) -> pd.DataFrame:
     for path in sorted(Path(out).glob("*/**/summary.json")):
         summary = json.loads(path.read_text())
         config = summary["config"]
-        records = read_records(record_files(path.parent)).values()
-        fed = [record["num_visual_fed"] for record in records if record.get("num_visual_fed") is not None]
+        cost = {key: float("nan") if value is None else value for key, value in summary.get("cost", {}).items()}
         for metric, entry in summary["metrics"].items():
             rows.append({"method": config["method"], "budget": config.get("budget", "0"),
                          "positions": config.get("positions", "none"), "task": summary["task"],
                          "dataset": config["dataset"], "split": config["split"], "metric": metric,
                          "value": entry["value"], "ci_low": entry["ci95"][0], "ci_high": entry["ci95"][1],
-                         "n": entry["n"], "tokens_fed": sum(fed) / len(fed) if fed else float("nan"),
-                         "num_visual": config["num_visual"]})
+                         "n": entry["n"], "tokens_fed": cost.get("num_visual_fed", float("nan")),
+                         "num_visual": config["num_visual"],
+                         "prefill_gflops": cost.get("prefill_flops", float("nan")) / 1e9,
+                         "prefill_ms": cost.get("prefill_seconds", float("nan")) * 1e3,
+                         "decode_ms_per_step": cost.get("decode_seconds_per_step", float("nan")) * 1e3,
+                         "peak_memory_mib": cost.get("peak_memory_bytes", float("nan")) / 2**20})
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     return table.sort_values(["task", "metric", "method", "budget", "positions"], ignore_index=True)
 
@@ -137,7 +143,8 @@ def pruning_table(out: str | Path) -> pd.DataFrame:
 def format_table(table: pd.DataFrame) -> str:
     headline = table[[HEADLINE.get(task) == metric for task, metric in zip(table.task, table.metric)]]
     return "\n".join(f"  {row.task} {row.method:<28} {row.budget:>8} {row.positions:<16} {row.value:.3f} "
-                     f"[{row.ci_low:.3f}, {row.ci_high:.3f}]  tokens {row.tokens_fed:.1f}"
+                     f"[{row.ci_low:.3f}, {row.ci_high:.3f}]  tokens {row.tokens_fed:.1f}  "
+                     f"prefill {row.prefill_gflops:.3g} GFLOPs {row.prefill_ms:.2f} ms"
                      for row in headline.itertuples())
 
 

@@ -52,6 +52,16 @@ def test_gap_recovers_what_renumbering_loses_on_the_miniature(pruning_run):
     assert keep >= reassign + 0.2
 
 
+def test_the_table_reports_each_runs_cost(pruning_run):
+    table = pd.read_csv(pruning_run / "pruning.csv")
+    rec = table[(table.task == "rec") & (table.metric == "acc@0.5")].set_index(["method", "positions"])
+    flops = rec.prefill_gflops
+    assert flops["random", "keep"] == flops["random", "reassign"]  # GAP feeds the same tokens
+    assert flops["random", "keep"] < 0.75 * flops["unpruned", "none"]  # half the visual tokens of the prompt gone
+    assert (rec.prefill_ms > 0).all() and (rec.decode_ms_per_step > 0).all()
+    assert rec.peak_memory_mib.isna().all()  # measured on CUDA only
+
+
 def test_a_rerun_computes_nothing_new(pruning_run, monkeypatch):
     calls = []
     monkeypatch.setattr(mllm, "generate", lambda *args, **options: calls.append(1))
