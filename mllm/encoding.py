@@ -36,6 +36,7 @@ class Encoding:
     pixel_values: torch.Tensor
     vision_hidden_states: tuple[torch.Tensor, ...] | None = None  # each (B, 1 + N, D_vision)
     vision_attentions: dict[int, torch.Tensor] | None = None  # layer -> (B, H, 1 + N, 1 + N)
+    messages: list[str] | None = None  # the user messages the chat template wrapped; None for raw prompts
 
     @property
     def batch_size(self) -> int:
@@ -160,4 +161,5 @@ def encode(
         pixel_values=pixel_values,
         vision_hidden_states=hidden if vision_hidden_states else None,
         vision_attentions=attentions,
+        messages=None if raw_prompts else list(texts),
     )

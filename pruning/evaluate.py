@@ -68,7 +68,8 @@ def budget_label(method: PruningMethod, budget: Budget) -> str:
 
 
 def slug(spec: str) -> str:
-    return spec.replace(":", "@").replace(",", "_")
+    """A directory name for a method spec; a path among its values (`trim:clip=/models/clip`) stays one level."""
+    return spec.replace(":", "@").replace(",", "_").replace("/", "%2F")
 
 
 def run_directory(out: Path, task: str, method: PruningMethod | None = None, budget: str = "",
@@ -92,6 +93,8 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
     """The unpruned run, then every (method, budget, policy) run, per task, into `out`; return the table."""
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
+    for method in methods:
+        method.encode_options(model)  # a method that cannot read this model (trim's CLIP width) fails first
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     style = style or default_style_for(model.model.config.model_type)

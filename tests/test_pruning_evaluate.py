@@ -11,7 +11,7 @@ import pytest
 
 import mllm
 from pruning import METHODS
-from pruning.evaluate import main, split_method_specs
+from pruning.evaluate import main, slug, split_method_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIATURE = ROOT / "data" / "minillava" / "contrastive"
@@ -115,3 +115,8 @@ def test_bad_input_is_named_before_any_run(args, needle, tmp_path, capsys):
 def test_method_specs_split_on_commas_between_methods_only():
     assert split_method_specs("random,fastv:layer=3,query=all,spatial") == ["random", "fastv:layer=3,query=all",
                                                                             "spatial"]
+
+
+def test_a_path_in_a_method_spec_stays_one_directory_level(tmp_path):
+    name = slug("trim:clip=/models/clip-vit,sign=positive")
+    assert "/" not in name and (tmp_path / name).parent == tmp_path
