@@ -24,14 +24,14 @@ from mllm.errors import (
 )
 from mllm.generation import ExtraTokens, Generation, PromptBatch, build_prompt_batch, generate
 from mllm.images import ImageFrame, load_image
-from mllm.layer_pruning import LayerContext, LayerPruning
+from mllm.layer_pruning import LayerContext, LayerPruning, LayerSelection
 from mllm.loading import MLLM, load
 from mllm.positions import PositionPolicy, next_position_id, sequence_position_ids
 from mllm.prompts import build_prompt
 
 __all__ = [
     "MLLM", "CheckpointNotFoundError", "Encoding", "ExtraTokens", "Generation", "ImageFrame", "ImageLoadError",
-    "KeepSetError", "LayerContext", "LayerPruning", "MLLMError", "ModelAdapter", "PositionPolicy",
+    "KeepSetError", "LayerContext", "LayerPruning", "LayerSelection", "MLLMError", "ModelAdapter", "PositionPolicy",
     "PromptBatch", "PromptError", "UnsupportedModelError", "build_prompt", "build_prompt_batch",
     "encode", "encode_pixels", "generate", "load", "load_image", "next_position_id", "register_adapter",
     "sequence_position_ids", "supported_model_types",
