@@ -85,22 +85,27 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
         for row, (sample, image) in enumerate(ready):
             text = generation.texts[row].strip()
             record = score_rec(sample, text, image.size, style) if task == "rec" else score_vqa(sample, text)
-            record["num_visual_fed"] = len(generation.kept[row]) + generation.num_extra
             records[sample.index] = {**record, **cost[row]}
     return [records[sample.index] for sample in samples]
 
 
 def generation_cost(model: mllm.MLLM, generation: mllm.Generation, peak_bytes: int | None) -> list[dict]:
-    """Per row: analytic prefill FLOPs, its share of the batch's prefill time, the batch's seconds per decoding
-    step, and the batch's peak accelerator memory (None off CUDA). Times are per batch, so they depend on
-    `--batch-size`; compare runs made with the same one."""
+    """Per row: the visual tokens the last LLM layer saw and their mean over the layers (they differ when
+    tokens are dropped inside the LLM), analytic prefill FLOPs, the row's share of the batch's prefill time,
+    the batch's seconds per decoding step, and the batch's peak accelerator memory (None off CUDA). Times
+    are per batch, so they depend on `--batch-size`; compare runs made with the same one."""
     rows = len(generation.texts)
-    flops = [None] * rows
-    if generation.layer_tokens is not None:  # a caller's own predict may not say what each layer saw
-        flops = prefill_flops(model.adapter, generation.layer_tokens).tolist()
     step = generation.decode_seconds / generation.decode_steps if generation.decode_steps else None
-    return [{"prefill_flops": flops[row], "prefill_seconds": generation.prefill_seconds / rows,
-             "decode_seconds_per_step": step, "peak_memory_bytes": peak_bytes} for row in range(rows)]
+    costs = [{"num_visual_fed": len(generation.kept[row]) + generation.num_extra, "num_visual_layer_mean": None,
+              "prefill_flops": None, "prefill_seconds": generation.prefill_seconds / rows,
+              "decode_seconds_per_step": step, "peak_memory_bytes": peak_bytes} for row in range(rows)]
+    if generation.visual_layer_tokens is not None:  # a caller's own predict may not say what each layer saw
+        flops = prefill_flops(model.adapter, generation.layer_tokens)
+        for row, cost in enumerate(costs):
+            visual = generation.visual_layer_tokens[row]
+            cost.update(num_visual_fed=int(visual[-1]), num_visual_layer_mean=float(visual.double().mean()),
+                        prefill_flops=float(flops[row]))
+    return costs
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

@@ -44,7 +44,7 @@ def summarize(records: Sequence[dict], task: str, *, resamples: int = 1000, seed
     return summary
 
 
-COST_FIELDS = ("num_visual_fed", "prefill_flops", "prefill_seconds", "decode_seconds_per_step")
+COST_FIELDS = ("num_visual_fed", "num_visual_layer_mean", "prefill_flops", "prefill_seconds", "decode_seconds_per_step")
 # Wall-clock and memory readings: the fields of a record that two identical runs do not reproduce.
 MEASURED_FIELDS = ("prefill_seconds", "decode_seconds_per_step", "peak_memory_bytes")
 

@@ -50,6 +50,7 @@ class Generation:
     step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
     num_extra: int = 0  # extra tokens (`ExtraTokens`) fed after each row's kept visual tokens
     layer_tokens: torch.Tensor | None = None  # (B, num_layers): real prompt tokens each LLM layer saw at prefill
+    visual_layer_tokens: torch.Tensor | None = None  # (B, num_layers): how many of them were visual (extras included)
     prefill_seconds: float = 0.0  # wall time of the batch's prefill (the LLM on the prompt, first logits)
     decode_seconds: float = 0.0  # wall time of the decoding steps after it
     decode_steps: int = 0  # LLM forward passes after the prefill (tokens decoded per row, at most)
@@ -226,6 +227,9 @@ def generate(
         kept = [row_kept[state.kept_visual[row].cpu()] for row, row_kept in enumerate(prompt.kept)]
         logits_mask = prompt.attention_mask.gather(1, state.sequence_keep)
         layer_tokens = state.prefill_tokens(num_layers)
+    # Text tokens are never pruned, so each layer's visual count is its token count less the row's text.
+    text_tokens = prompt.attention_mask.sum(dim=1) - torch.tensor([len(index) for index in prompt.visual_index],
+                                                                   device=device)
     token_ids = [generated[row, : lengths[row]].tolist() for row in range(batch)]
     texts = [_cut_at_stop(mllm.tokenizer.decode(ids, skip_special_tokens=True), stop)[0] for ids in token_ids]
     return Generation(
@@ -238,6 +242,7 @@ def generate(
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,
         num_extra=0 if extra is None else extra.features.shape[1],
         layer_tokens=layer_tokens.cpu(),
+        visual_layer_tokens=(layer_tokens - text_tokens[:, None]).cpu(),
         prefill_seconds=prefill_done - started,
         decode_seconds=finished_at - prefill_done,
         decode_steps=max(0, generated.shape[1] - 1),

@@ -11,7 +11,8 @@ tokens kept; the budget counts every token fed to the LLM. Methods that pick the
 
 Each run is a grounding run directory, resumable: OUT/TASK/unpruned/ once, and
 OUT/TASK/METHOD/BUDGET/POLICY/. OUT/pruning.csv (method, budget, positions, task, metric, value,
-CI, n, and the cost: visual tokens fed, analytic prefill GFLOPs, prefill ms per sample, ms per decoding
+CI, n, and the cost: visual tokens the last LLM layer saw and their mean over the layers (the two
+differ for methods that prune inside the LLM), analytic prefill GFLOPs, prefill ms per sample, ms per decoding
 step, peak CUDA memory) and OUT/pruning.png/.pdf cover every finished run in OUT. The times are
 measured per batch (a sample's share of its batch's prefill): compare runs made with one --batch-size.
 """
@@ -37,8 +38,8 @@ from pruning.budget import Budget
 from pruning.registry import PruningMethod, make_method, method_spec
 
 TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
-                 "n", "tokens_fed", "num_visual", "prefill_gflops", "prefill_ms", "decode_ms_per_step",
-                 "peak_memory_mib")
+                 "n", "tokens_fed", "tokens_layer_mean", "num_visual", "prefill_gflops", "prefill_ms",
+                 "decode_ms_per_step", "peak_memory_mib")
 UNPRUNED = "unpruned"
 
 
@@ -134,6 +135,7 @@ def pruning_table(out: str | Path) -> pd.DataFrame:
                          "dataset": config["dataset"], "split": config["split"], "metric": metric,
                          "value": entry["value"], "ci_low": entry["ci95"][0], "ci_high": entry["ci95"][1],
                          "n": entry["n"], "tokens_fed": cost.get("num_visual_fed", float("nan")),
+                         "tokens_layer_mean": cost.get("num_visual_layer_mean", float("nan")),
                          "num_visual": config["num_visual"],
                          "prefill_gflops": cost.get("prefill_flops", float("nan")) / 1e9,
                          "prefill_ms": cost.get("prefill_seconds", float("nan")) * 1e3,

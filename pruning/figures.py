@@ -17,8 +17,10 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
                  tasks: tuple[str, ...] = ("rec", "vqa"), title: str | None = None) -> object:
     """A row per task present, a panel per method: the task's headline metric against the fraction pruned.
 
-    The fraction pruned is measured, 1 - tokens fed / visual tokens, so adaptive methods sit where they
-    landed. The unpruned model is the dotted line in every panel and the first point of every curve.
+    The fraction pruned is measured: 1 - the visual tokens the LLM's layers saw on average / visual
+    tokens. Adaptive methods sit where they landed, and in-LLM methods where their compute says (FastV at
+    50% after layer 2 of 4 sits at 25%; SparseVLM's budget is this average already). The unpruned model
+    is the dotted line in every panel and the first point of every curve.
     """
     import matplotlib
 
@@ -27,7 +29,7 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
     import matplotlib.pyplot as plt
 
     data = pd.read_csv(table) if isinstance(table, (str, Path)) else table.copy()
-    data["pruned"] = 1 - data.tokens_fed / data.num_visual
+    data["pruned"] = 1 - data.tokens_layer_mean.fillna(data.tokens_fed) / data.num_visual
     tasks = [task for task in tasks if (data.task == task).any()] or ["rec"]
     methods = [method for method in dict.fromkeys(data.method) if method != "unpruned"] or ["unpruned"]
     figure, axes = plt.subplots(len(tasks), len(methods), figsize=(2.8 * len(methods), 2.8 * len(tasks)),
@@ -46,7 +48,7 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
             if not unpruned.empty:
                 ax.axhline(float(unpruned.value.iloc[0]), color="0.4", linestyle=":", label="unpruned")
             ax.set_title(method, fontsize=9)
-            ax.set_xlabel("fraction of visual tokens pruned")
+            ax.set_xlabel("visual tokens pruned (mean over LLM layers)")
             ax.set_xlim(-0.02, 1.0)
             ax.grid(alpha=0.3)
         axes[row][0].set_ylabel(f"{task.upper()} {HEADLINE[task]}")

@@ -45,6 +45,11 @@ def test_pruned_rows_cost_what_their_layers_saw(tiny_model, images):
     inside = tiny_model.generate(encoding, layer_pruning=mllm.LayerPruning(2, lambda context: keep), max_new_tokens=2)
     assert inside.layer_tokens.tolist() == [[int(n)] * 2 + [int(n) - dropped] * (num_layers - 2) for n in lengths]
 
+    batch, visual = len(images), encoding.num_visual
+    assert full.visual_layer_tokens.tolist() == [[visual] * num_layers] * batch
+    assert before.visual_layer_tokens.tolist() == [[6] * num_layers] * batch
+    assert inside.visual_layer_tokens.tolist() == [[visual] * 2 + [6] * (num_layers - 2)] * batch
+
     flops = [prefill_flops(tiny_model.adapter, run.layer_tokens) for run in (full, inside, before)]
     assert bool((flops[0] > flops[1]).all() and (flops[1] > flops[2]).all())
 

@@ -37,6 +37,7 @@ def test_the_cli_writes_the_unpruned_run_and_one_run_per_method_budget_and_polic
         ("unpruned", "0", "none"), ("random", "0.5", "reassign"), ("random", "0.5", "keep"),
         ("prumerge:adaptive=true", "adaptive", "reassign"), ("prumerge:adaptive=true", "adaptive", "keep")}
     assert set(rec[rec.method == "random"].tokens_fed) == {32.0} and set(rec.num_visual) == {64}
+    assert set(rec[rec.method == "random"].tokens_layer_mean) == {32.0}  # pruned before the LLM: every layer
     adaptive = rec[rec.method == "prumerge:adaptive=true"].tokens_fed
     assert (adaptive < 64).all() and (adaptive != 32).all()  # its own count, reported
     run = pruning_run / "rec" / "random" / "0.5" / "keep"
