@@ -27,11 +27,13 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
     if path is not None:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     data = pd.read_csv(table) if isinstance(table, (str, Path)) else table.copy()
     data["pruned"] = 1 - data.tokens_layer_mean.fillna(data.tokens_fed) / data.num_visual
     tasks = [task for task in tasks if (data.task == task).any()] or ["rec"]
     methods = [method for method in dict.fromkeys(data.method) if method != "unpruned"] or ["unpruned"]
+    sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(len(tasks), len(methods), figsize=(2.8 * len(methods), 2.8 * len(tasks)),
                                 sharey=True, squeeze=False)
     for row, task in enumerate(tasks):
@@ -43,14 +45,15 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
                 if curve.empty:
                     continue
                 curve = pd.concat([unpruned, curve]).sort_values("pruned")  # every curve starts unpruned
-                ax.plot(curve.pruned, curve.value, **style)
+                sns.lineplot(x=curve.pruned.to_numpy(), y=curve.value.to_numpy(), ax=ax, errorbar=None, **style)
                 ax.fill_between(curve.pruned, curve.ci_low, curve.ci_high, color=style["color"], alpha=0.15, lw=0)
             if not unpruned.empty:
                 ax.axhline(float(unpruned.value.iloc[0]), color="0.4", linestyle=":", label="unpruned")
             ax.set_title(method, fontsize=9)
-            ax.set_xlabel("visual tokens pruned (mean over LLM layers)")
+            ax.set_xlabel("visual tokens pruned\n(mean over LLM layers)" if row == len(tasks) - 1 else "")
             ax.set_xlim(-0.02, 1.0)
-            ax.grid(alpha=0.3)
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
         axes[row][0].set_ylabel(f"{task.upper()} {HEADLINE[task]}")
     axes[0][0].set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=7)
