@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -14,13 +15,15 @@ POLICY_STYLES = {"keep": {"color": "tab:green", "marker": "o", "label": "keep (G
 
 
 def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = None, *,
-                 tasks: tuple[str, ...] = ("rec", "vqa"), title: str | None = None) -> object:
+                 tasks: tuple[str, ...] = ("rec", "vqa"), methods: Sequence[str] | None = None,
+                 title: str | None = None) -> object:
     """A row per task present, a panel per method: the task's headline metric against the fraction pruned.
 
-    The fraction pruned is measured: 1 - the visual tokens the LLM's layers saw on average / visual
-    tokens. Adaptive methods sit where they landed, and in-LLM methods where their compute says (FastV at
-    50% after layer 2 of 4 sits at 25%; SparseVLM's budget is this average already). The unpruned model
-    is the dotted line in every panel and the first point of every curve.
+    `methods` orders the panels (default: as they come in the table). The fraction pruned is measured:
+    1 - the visual tokens the LLM's layers saw on average / visual tokens. Adaptive methods sit where
+    they landed, and in-LLM methods where their compute says (FastV at 50% after layer 2 of 4 sits at
+    25%; SparseVLM's budget is this average already). The unpruned model is the dotted line in every
+    panel and the first point of every curve.
     """
     import matplotlib
 
@@ -32,7 +35,9 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
     data = pd.read_csv(table) if isinstance(table, (str, Path)) else table.copy()
     data["pruned"] = 1 - data.tokens_layer_mean.fillna(data.tokens_fed) / data.num_visual
     tasks = [task for task in tasks if (data.task == task).any()] or ["rec"]
-    methods = [method for method in dict.fromkeys(data.method) if method != "unpruned"] or ["unpruned"]
+    present = [method for method in dict.fromkeys(data.method) if method != "unpruned"]
+    methods = [method for method in methods if method in present] if methods else present
+    methods = methods or ["unpruned"]
     sns.set_theme(style="whitegrid", context="paper")
     figure, axes = plt.subplots(len(tasks), len(methods), figsize=(2.8 * len(methods), 2.8 * len(tasks)),
                                 sharey=True, squeeze=False)
