@@ -18,10 +18,9 @@ from collections.abc import Sequence
 import mllm
 from grounding.boxes import BOX_FORMATS
 from grounding.data import DATASETS, load_dataset
-from grounding.errors import GroundingError
 from grounding.prompts import default_style_for, prompt_style
 from grounding.runner import Shard, run_config, run_evaluation
-from grounding.tasks import add_run_arguments
+from grounding.tasks import add_run_arguments, reported_errors
 from mllm.images import FRAME_KINDS
 
 
@@ -54,7 +53,7 @@ def _device(requested: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+    with reported_errors(args.out) as outcome:
         shard = Shard.parse(args.shard)
         dataset = load_dataset(args.dataset, args.data, args.split, images=args.images, split_by=args.split_by)
         model = mllm.load(args.model, dtype=args.dtype, device=_device(args.device))
@@ -69,13 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_evaluation(model, dataset, args.out, style, config=config, batch_size=args.batch_size,
                                  limit=args.limit, shard=shard, resamples=args.bootstrap,
                                  progress=not args.no_progress)
-    except (GroundingError, mllm.MLLMError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the records written so far are kept in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    if outcome.status:
+        return outcome.status
     if summary is None:
         print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {args.out}/summary.json")
         return 0

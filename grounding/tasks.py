@@ -8,8 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import mllm
 from grounding.data import Dataset, load_dataset
 from grounding.errors import GroundingError
 
@@ -37,6 +42,29 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-progress", action="store_true")
+
+
+@dataclass
+class Outcome:
+    """What a CLI's run came to: its exit status (0 while nothing went wrong)."""
+
+    status: int = 0
+
+
+@contextmanager
+def reported_errors(out: Path | str, *errors: type[Exception]) -> Iterator[Outcome]:
+    """Bad input (GroundingError, MLLMError, and `errors`) ends the block with its message and status 2;
+    Ctrl-C with status 130 and where the records written so far are. The same in every evaluation CLI."""
+    outcome = Outcome()
+    try:
+        yield outcome
+    except (GroundingError, mllm.MLLMError, *errors) as error:
+        print(f"error: {error}", file=sys.stderr)
+        outcome.status = 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the records written so far are kept in {out}; rerun the same command to resume",
+              file=sys.stderr)
+        outcome.status = 130
 
 
 def check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -25,10 +25,17 @@ from pathlib import Path
 import pandas as pd
 
 import mllm
-from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
+from grounding import Dataset, PromptStyle, default_style_for, prompt_style
 from grounding.records import write_atomic
 from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
-from grounding.tasks import HEADLINE, add_run_arguments, add_task_arguments, check_tasks, task_datasets
+from grounding.tasks import (
+    HEADLINE,
+    add_run_arguments,
+    add_task_arguments,
+    check_tasks,
+    reported_errors,
+    task_datasets,
+)
 from misalign.corruptions import Misalignment, corruption_spec, parse_corruption
 
 TABLE_COLUMNS = ("corruption", "strength", "seed", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
@@ -128,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from misalign.figures import plot_ablation
 
-    try:
+    with reported_errors(args.out, ValueError) as outcome:
         misalignment = parse_corruption(args.kind)
         strengths = parse_strengths(args.strength)
         datasets = task_datasets(args)
@@ -137,13 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = run_ablation(model, datasets, misalignment, strengths, args.out, style=style, seed=args.seed,
                              batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,
                              progress=not args.no_progress)
-    except (ValueError, GroundingError, mllm.MLLMError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished records are kept in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    if outcome.status:
+        return outcome.status
     title = f"{Path(args.model).name}: {corruption_spec(misalignment)} (seed {args.seed})"
     plot_ablation(table, args.out / "ablation.png", title=title)
     print(format_table(table))

@@ -29,10 +29,17 @@ from pathlib import Path
 import pandas as pd
 
 import mllm
-from grounding import Dataset, GroundingError, PromptStyle, default_style_for, prompt_style
+from grounding import Dataset, PromptStyle, default_style_for, prompt_style
 from grounding.records import write_atomic
 from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
-from grounding.tasks import HEADLINE, add_run_arguments, add_task_arguments, check_tasks, task_datasets
+from grounding.tasks import (
+    HEADLINE,
+    add_run_arguments,
+    add_task_arguments,
+    check_tasks,
+    reported_errors,
+    task_datasets,
+)
 from pruning.apply import POSITIONS, mllm_policy, prune_generate
 from pruning.budget import Budget
 from pruning.registry import PruningMethod, make_method, method_spec
@@ -180,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from pruning.figures import plot_pruning
 
-    try:
+    with reported_errors(args.out, ValueError, ImportError) as outcome:
         for module in args.imports:
             importlib.import_module(module)
         methods = [make_method(spec) for spec in split_method_specs(args.methods)]
@@ -192,13 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
                             batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,
                             progress=not args.no_progress)
-    except (ValueError, ImportError, GroundingError, mllm.MLLMError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished records are kept in {args.out}; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    if outcome.status:
+        return outcome.status
     plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
     print(format_table(table))
     print(f"wrote {args.out / 'pruning.csv'} and {args.out / 'pruning.png'}")

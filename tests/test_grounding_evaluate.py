@@ -17,6 +17,7 @@ from grounding import Shard, load_dataset, prompt_style, run_evaluation
 from grounding.evaluate import main
 from grounding.fixtures import synthetic_scenes, write_jsonl_layout, write_parquet_layout
 from grounding.summary import MEASURED_FIELDS
+from grounding.tasks import reported_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,3 +261,14 @@ def test_bad_options_give_a_clear_error(tiny_checkpoint, parquet_data, tmp_path,
     assert evaluate_cli("--model", tiny_checkpoint, "--data", parquet_data, "--dataset", "refcoco",
                         "--out", tmp_path / "run", option, value) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_cli_reports_bad_input_and_ctrl_c_with_their_exit_status(tmp_path, capsys):
+    with reported_errors(tmp_path, ValueError) as outcome:
+        raise ValueError("--ratios: not a number")
+    assert outcome.status == 2 and "error: --ratios: not a number" in capsys.readouterr().err
+    with reported_errors(tmp_path) as outcome:
+        raise KeyboardInterrupt
+    assert outcome.status == 130 and str(tmp_path) in capsys.readouterr().err
+    with pytest.raises(TypeError), reported_errors(tmp_path, ValueError):
+        raise TypeError("a bug is not bad input")
