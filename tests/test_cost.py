@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import PROMPTS
 from torch.utils.flop_counter import FlopCounterMode
@@ -65,3 +66,10 @@ def test_peak_memory_is_none_off_cuda():
     with peak_memory(torch.device("cpu")) as memory:
         torch.ones(1000)
     assert memory["bytes"] is None
+
+
+def test_layer_tokens_of_the_wrong_shape_are_refused(tiny_model):
+    layers = len(tiny_model.adapter.decoder_layers)
+    expected = f"layer_tokens must be \\(batch, {layers} layers\\), got \\(2, {layers + 1}\\)"
+    with pytest.raises(ValueError, match=expected):
+        prefill_flops(tiny_model.adapter, torch.ones(2, layers + 1))
