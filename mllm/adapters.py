@@ -7,15 +7,25 @@ registering it with `@register_adapter`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import nn
-from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTrainedModel
+from transformers import (
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from mllm.errors import UnsupportedModelError
+from mllm.errors import ImageLoadError, UnsupportedModelError
+from mllm.images import FRAME_KINDS, FrameKind, ImageFrame, to_model_square
+from mllm.positions import VisualLayout
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -41,11 +51,21 @@ def adapter_class_for(config: PretrainedConfig, source: str = "config.json") -> 
     return _ADAPTERS[model_type]
 
 
+@dataclass
+class VisionOutput:
+    """What the vision side made of a batch of images: each image's visual tokens and their grid."""
+
+    features: list[torch.Tensor]  # per image: (N_i, D_llm) projected visual tokens in raster order
+    grids: list[tuple[int, int]]  # per image: (rows, cols) of those tokens
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # every vision-tower hidden state, on request
+
+
 class ModelAdapter:
     """How the toolkit reaches into one multimodal architecture. Subclasses fill in every member."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[type[PreTrainedModel]]
+    position_axes: ClassVar[int] = 1  # axes of the LLM's position IDs (3 for M-RoPE)
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -95,6 +115,33 @@ class ModelAdapter:
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
+    @property
+    def model_type(self) -> str:
+        return str(self.model.config.model_type)
+
+    # --- images and positions -----------------------------------------------------------------
+    def prepare_images(
+        self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
+    ) -> tuple[list[Image.Image], list[ImageFrame]]:
+        """The images the processor should see under coordinate frame `frame`, and their frames."""
+        raise NotImplementedError
+
+    def encode_images(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False) -> VisionOutput:
+        """Run the vision tower and projector on a processor batch (already on the model's device and dtype)."""
+        raise NotImplementedError
+
+    def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) in pixels of the image the vision tower saw, for a `grid` of visual tokens."""
+        raise NotImplementedError
+
+    def visual_layout(self, prefix_len: int, grid: tuple[int, int], suffix_len: int) -> VisualLayout:
+        """A prompt's layout, with the original position IDs this architecture gives its visual tokens."""
+        raise NotImplementedError
+
+    def llm_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """(axes, B, L) position IDs -> what the language model's `position_ids` argument takes."""
+        return position_ids[0] if self.position_axes == 1 else position_ids
+
     # --- computations -------------------------------------------------------------------------
     def image_features(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
@@ -139,8 +186,25 @@ class ModelAdapter:
         attention_mask: torch.Tensor | None,
         queries: torch.Tensor,
     ) -> torch.Tensor:
-        """Attention weights (B, H, Q, L) of LLM layer `layer` for the query rows `queries` only."""
-        raise NotImplementedError
+        """Attention weights (B, H, Q, L) of LLM layer `layer` for the query rows `queries` only.
+
+        Written for Llama-style attention (q/k projections, rotary cos/sin laid out per token, grouped KV
+        heads), which LLaVA's Llama and Qwen2-VL's LLM share: M-RoPE's cos/sin also arrive per token.
+        """
+        attention = self.decoder_layers[layer].self_attn
+        batch, length, _ = normed_hidden.shape
+        head_dim = attention.head_dim
+        cos, sin = (part.expand(batch, -1, -1) for part in position_embeddings)
+        rows = torch.arange(batch, device=normed_hidden.device)[:, None]
+        query_hidden = normed_hidden[rows, queries]
+        q = attention.q_proj(query_hidden).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
+        k = attention.k_proj(normed_hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, cos[rows, queries], sin[rows, queries])
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        k = repeat_kv(k, attention.num_key_value_groups)
+        scores = q.float() @ k.float().transpose(-1, -2) * attention.scaling
+        scores = scores.masked_fill(~_allowed(attention_mask, queries, length), float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 @register_adapter
@@ -193,6 +257,28 @@ class LlavaAdapter(ModelAdapter):
         side = vision.image_size // vision.patch_size
         return side, side
 
+    def prepare_images(
+        self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
+    ) -> tuple[list[Image.Image], list[ImageFrame]]:
+        if frame not in FRAME_KINDS:
+            raise ValueError(f"unknown coordinate frame {frame!r}; choose one of {FRAME_KINDS}")
+        image_processor = processor.image_processor
+        side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
+        background = tuple(int(255 * channel) for channel in image_processor.image_mean)
+        squares, frames = zip(*(to_model_square(image, frame, side, background) for image in images))
+        return list(squares), list(frames)
+
+    def encode_images(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False) -> VisionOutput:
+        features, hidden = self.image_features(batch["pixel_values"], output_hidden_states)
+        return VisionOutput(list(features), [self.grid] * features.shape[0], hidden)
+
+    def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        side = int(self.model.config.vision_config.image_size)
+        return side, side
+
+    def visual_layout(self, prefix_len: int, grid: tuple[int, int], suffix_len: int) -> VisualLayout:
+        return VisualLayout.sequential(prefix_len, grid[0] * grid[1], suffix_len)
+
     def image_features(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
@@ -237,28 +323,95 @@ class LlavaAdapter(ModelAdapter):
         # Position 0 belongs to the CLS token; the patches take positions 1..N in raster order.
         return patches + embeddings.position_embedding.weight[1:].to(patches.dtype)
 
-    def llm_attention(
-        self,
-        layer: int,
-        normed_hidden: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,
-        queries: torch.Tensor,
-    ) -> torch.Tensor:
-        attention = self.decoder_layers[layer].self_attn
-        batch, length, _ = normed_hidden.shape
-        head_dim = attention.head_dim
-        cos, sin = (part.expand(batch, -1, -1) for part in position_embeddings)
-        rows = torch.arange(batch, device=normed_hidden.device)[:, None]
-        query_hidden = normed_hidden[rows, queries]
-        q = attention.q_proj(query_hidden).view(batch, queries.shape[1], -1, head_dim).transpose(1, 2)
-        k = attention.k_proj(normed_hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-        q, _ = apply_rotary_pos_emb(q, q, cos[rows, queries], sin[rows, queries])
-        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
-        k = repeat_kv(k, attention.num_key_value_groups)
-        scores = q.float() @ k.float().transpose(-1, -2) * attention.scaling
-        scores = scores.masked_fill(~_allowed(attention_mask, queries, length), float("-inf"))
-        return scores.softmax(dim=-1)
+
+@register_adapter
+class Qwen2VLAdapter(ModelAdapter):
+    """Qwen2-VL as `Qwen2VLForConditionalGeneration`: a native-resolution ViT (2-D RoPE, no CLS token, no
+    absolute position embedding) whose 2x2 patch merger feeds a Qwen2 LLM numbered by 3-axis M-RoPE."""
+
+    model_types = ("qwen2_vl",)
+    model_class = Qwen2VLForConditionalGeneration
+    position_axes = 3
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.visual
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.vision_tower.blocks
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        raise UnsupportedModelError(f"{self.model_type} keeps each image's native resolution, so it has no fixed "
+                                    "grid of visual tokens: read each row's from `Encoding.grids`")
+
+    @property
+    def merged_patch_size(self) -> int:
+        """Pixels per side of the image square one visual token covers (patch size x spatial merge size)."""
+        vision = self.model.config.vision_config
+        return int(vision.patch_size) * int(vision.spatial_merge_size)
+
+    def prepare_images(
+        self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
+    ) -> tuple[list[Image.Image], list[ImageFrame]]:
+        if frame not in ("original", "padded"):
+            raise ValueError(f"coordinate frame {frame!r} does not apply to {self.model_type}, which shows each "
+                             "image at its native aspect ratio: choose 'original' or 'padded'")
+        background = tuple(int(255 * channel) for channel in processor.image_processor.image_mean)
+        side = self.merged_patch_size
+        shown, frames = [], []
+        for index, image in enumerate(images):
+            if frame == "padded":  # to a square, never resized: the processor sizes it
+                square, image_frame = to_model_square(image, "padded", max(image.size), background)
+            else:
+                square, image_frame = image, ImageFrame.for_image("original", image.width, image.height)
+            if min(square.size) < side:
+                raise ImageLoadError(f"image {index} is {square.width}x{square.height} pixels, smaller than one "
+                                     f"merged patch ({side}x{side} pixels) of {self.model_type}")
+            shown.append(square)
+            frames.append(image_frame)
+        return shown, frames
+
+    def encode_images(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False) -> VisionOutput:
+        if output_hidden_states:
+            raise UnsupportedModelError(f"vision-tower hidden states of {self.model_type} are not exposed yet")
+        grid_thw = batch["image_grid_thw"]
+        outputs = self.model.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=grid_thw,
+                                                      return_dict=True)
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        grids = [(height // merge, width // merge) for _, height, width in grid_thw.tolist()]
+        return VisionOutput(list(outputs.pooler_output), grids)
+
+    def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid[1] * self.merged_patch_size, grid[0] * self.merged_patch_size
+
+    def visual_layout(self, prefix_len: int, grid: tuple[int, int], suffix_len: int) -> VisualLayout:
+        return VisualLayout.grid(prefix_len, grid[0], grid[1], suffix_len)
+
+
+@register_adapter
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL as `Qwen2_5_VLForConditionalGeneration`: Qwen2-VL's layout, with window attention in the ViT."""
+
+    model_types = ("qwen2_5_vl",)
+    model_class = Qwen2_5_VLForConditionalGeneration
 
 
 def _allowed(attention_mask: torch.Tensor | None, queries: torch.Tensor, length: int) -> torch.Tensor:

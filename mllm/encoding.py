@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mllm.errors import PromptError
-from mllm.images import FRAME_KINDS, FrameKind, ImageFrame, ImageInput, load_image, to_model_square
+from mllm.errors import KeepSetError, PromptError
+from mllm.images import FRAME_KINDS, FrameKind, ImageFrame, ImageInput, load_image
+from mllm.positions import VisualLayout, position_ids
 from mllm.prompts import build_prompt, check_prompt, image_token
 
 if TYPE_CHECKING:
@@ -20,20 +21,24 @@ if TYPE_CHECKING:
 class Encoding:
     """A left-padded batch of prompts, each with one image's visual tokens merged in.
 
-    Row r is `pad | prefix text | num_visual visual tokens | suffix text`; the visual tokens start at
-    `visual_start[r]` and are in raster order over `grid` (rows, cols).
+    Row r is `pad | prefix text | visual_counts[r] visual tokens | suffix text`; the visual tokens start
+    at `visual_start[r]` and are in raster order over `grids[r]` (rows, cols). Rows may carry different
+    numbers of visual tokens (Qwen2-VL keeps each image's native resolution); `num_visual` and `grid`
+    are the common count and grid where every row has the same.
     """
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L), 0 on padding
     inputs_embeds: torch.Tensor  # (B, L, D)
-    position_ids: torch.Tensor  # (B, L), original IDs; padding gets 1 as in transformers' generate
+    position_ids: torch.Tensor  # (axes, B, L), original IDs; padding gets 1 as in transformers' generate
     visual_start: torch.Tensor  # (B,)
-    num_visual: int
-    grid: tuple[int, int]
+    visual_counts: list[int]
+    grids: list[tuple[int, int]]
+    layouts: list[VisualLayout]  # per row: prefix, suffix and the visual tokens' original IDs
     frames: list[ImageFrame]
     prompts: list[str]
     pixel_values: torch.Tensor
+    vision_inputs: dict[str, torch.Tensor] | None = None  # what else the vision tower read (image_grid_thw)
     vision_hidden_states: tuple[torch.Tensor, ...] | None = None  # each (B, 1 + N, D_vision)
     vision_attentions: dict[int, torch.Tensor] | None = None  # layer -> (B, H, 1 + N, 1 + N)
     messages: list[str] | None = None  # the user messages the chat template wrapped; None for raw prompts
@@ -42,43 +47,50 @@ class Encoding:
     def batch_size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def num_visual(self) -> int:
+        """Visual tokens per row, where every row has the same number."""
+        if len(set(self.visual_counts)) > 1:
+            raise KeepSetError(f"the rows carry different numbers of visual tokens ({self.visual_counts}); "
+                               "read each row's from `visual_counts`")
+        return self.visual_counts[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of every row's visual tokens, where every row has the same grid."""
+        if len(set(self.grids)) > 1:
+            raise KeepSetError(f"the rows' images have different grids ({self.grids}); read each row's from `grids`")
+        return self.grids[0]
+
+    def visual_slots(self, row: int) -> torch.Tensor:
+        """(N_row,) sequence positions of row `row`'s visual tokens."""
+        return int(self.visual_start[row]) + torch.arange(self.visual_counts[row], device=self.visual_start.device)
+
     def visual_index(self) -> torch.Tensor:
-        """(B, N) sequence positions of each row's visual tokens."""
+        """(B, N) sequence positions of each row's visual tokens (every row with the same count)."""
         offsets = torch.arange(self.num_visual, device=self.visual_start.device)
         return self.visual_start[:, None] + offsets[None, :]
 
     @property
     def visual_features(self) -> torch.Tensor:
-        """(B, N, D) the projected visual tokens as the LLM receives them."""
+        """(B, N, D) the projected visual tokens as the LLM receives them (every row with the same count)."""
         rows = torch.arange(self.batch_size, device=self.inputs_embeds.device)[:, None]
         return self.inputs_embeds[rows, self.visual_index().to(self.inputs_embeds.device)]
 
     def layout(self, row: int) -> tuple[int, int, int]:
         """(padding, prefix_len, suffix_len) of row `row`."""
         padding = int((self.attention_mask[row] == 0).sum())
-        prefix = int(self.visual_start[row]) - padding
-        suffix = self.input_ids.shape[1] - int(self.visual_start[row]) - self.num_visual
-        return padding, prefix, suffix
-
-
-def original_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """transformers' convention for left-padded batches: cumsum of the mask - 1, padding set to 1."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        return padding, self.layouts[row].prefix_len, self.layouts[row].suffix_len
 
 
 def _as_list(value: object) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def model_squares(mllm: MLLM, images: Sequence[ImageInput], frame: FrameKind) -> tuple[list, list[ImageFrame]]:
-    """The square images the processor should see under coordinate frame `frame`, and their frames."""
+def _shown_images(mllm: MLLM, images: Sequence[ImageInput], frame: FrameKind) -> tuple[list, list[ImageFrame]]:
     if frame not in FRAME_KINDS:
         raise ValueError(f"unknown coordinate frame {frame!r}; choose one of {FRAME_KINDS}")
-    image_processor = mllm.processor.image_processor
-    side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
-    background = tuple(int(255 * channel) for channel in image_processor.image_mean)
-    squares, frames = zip(*(to_model_square(load_image(image), frame, side, background) for image in images))
-    return list(squares), list(frames)
+    return mllm.adapter.prepare_images(mllm.processor, [load_image(image) for image in images], frame)
 
 
 @torch.no_grad()
@@ -86,9 +98,19 @@ def encode_pixels(
     mllm: MLLM, images: ImageInput | Sequence[ImageInput], *, frame: FrameKind = "padded"
 ) -> tuple[torch.Tensor, list[ImageFrame]]:
     """(pixel_values on the model's device and dtype, frames): what the vision tower reads, without prompts."""
-    squares, frames = model_squares(mllm, _as_list(images), frame)
-    pixels = mllm.processor.image_processor(images=squares, return_tensors="pt")["pixel_values"]
+    shown, frames = _shown_images(mllm, _as_list(images), frame)
+    pixels = mllm.processor.image_processor(images=shown, return_tensors="pt")["pixel_values"]
     return pixels.to(mllm.device, mllm.dtype), frames
+
+
+def _original_position_ids(layouts: Sequence[VisualLayout], attention_mask: torch.Tensor) -> torch.Tensor:
+    """(axes, B, L): each row's IDs with every visual token kept, left-padded with 1 as transformers pads."""
+    axes = layouts[0].num_axes
+    ids = torch.ones(axes, *attention_mask.shape, dtype=torch.long)
+    for row, layout in enumerate(layouts):
+        real = position_ids(torch.arange(layout.num_visual), layout, "keep")
+        ids[:, row, attention_mask.shape[1] - real.shape[1]:] = real
+    return ids.to(attention_mask.device)
 
 
 @torch.no_grad()
@@ -120,23 +142,25 @@ def encode(
     else:
         prompts = [build_prompt(mllm.processor, text) for text in texts]
 
-    squares, frames = model_squares(mllm, images, frame)
-    batch = mllm.processor(images=squares, text=prompts, return_tensors="pt", padding=True)
+    shown, frames = _shown_images(mllm, images, frame)
+    batch = mllm.processor(images=shown, text=prompts, return_tensors="pt", padding=True)
 
     device = mllm.device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     pixel_values = batch["pixel_values"].to(device, mllm.dtype)
+    vision_inputs = {key: batch[key].to(device) for key in ("image_grid_thw",) if key in batch}
     adapter = mllm.adapter
     want_hidden = vision_hidden_states or bool(vision_attentions)
-    features, hidden = adapter.image_features(pixel_values, output_hidden_states=want_hidden)
+    vision = adapter.encode_images({"pixel_values": pixel_values, **vision_inputs}, output_hidden_states=want_hidden)
 
     is_visual = input_ids == adapter.image_token_id
-    counts = is_visual.sum(dim=1)
-    if (counts != adapter.num_visual_tokens).any():
-        raise PromptError(f"expected {adapter.num_visual_tokens} image tokens per prompt, found {counts.tolist()}")
+    counts = is_visual.sum(dim=1).tolist()
+    expected = [len(features) for features in vision.features]
+    if counts != expected:
+        raise PromptError(f"expected {expected} image tokens in the prompts (one image each), found {counts}")
     embeds = adapter.embed_tokens(input_ids)
-    embeds = embeds.masked_scatter(is_visual[..., None], features.to(embeds.dtype))
+    embeds = embeds.masked_scatter(is_visual[..., None], torch.cat(vision.features).to(embeds.dtype))
 
     attentions = None
     if vision_attentions:
@@ -146,20 +170,28 @@ def encode(
             if not -num_layers <= layer < num_layers:
                 raise ValueError(f"vision_attentions: layer {layer} out of range for a {num_layers}-layer vision tower")
             index = layer % num_layers
-            attentions[index] = adapter.vision_attention(index, hidden[index])
+            attentions[index] = adapter.vision_attention(index, vision.hidden_states[index])
 
+    visual_start = is_visual.long().argmax(dim=1)
+    padding = (attention_mask == 0).sum(dim=1)
+    length = input_ids.shape[1]
+    layouts = [adapter.visual_layout(int(visual_start[row] - padding[row]), grid,
+                                     length - int(visual_start[row]) - counts[row])
+               for row, grid in enumerate(vision.grids)]
     return Encoding(
         input_ids=input_ids,
         attention_mask=attention_mask,
         inputs_embeds=embeds,
-        position_ids=original_position_ids(attention_mask),
-        visual_start=is_visual.long().argmax(dim=1),
-        num_visual=adapter.num_visual_tokens,
-        grid=adapter.grid,
+        position_ids=_original_position_ids(layouts, attention_mask.cpu()).to(device),
+        visual_start=visual_start,
+        visual_counts=counts,
+        grids=list(vision.grids),
+        layouts=layouts,
         frames=list(frames),
         prompts=prompts,
         pixel_values=pixel_values,
-        vision_hidden_states=hidden if vision_hidden_states else None,
+        vision_inputs=vision_inputs or None,
+        vision_hidden_states=vision.hidden_states if vision_hidden_states else None,
         vision_attentions=attentions,
         messages=None if raw_prompts else list(texts),
     )

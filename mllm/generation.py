@@ -18,7 +18,7 @@ import torch
 from mllm.encoding import Encoding
 from mllm.errors import KeepSetError
 from mllm.layer_pruning import LayerPruning, layer_pruning_hooks
-from mllm.positions import PositionPolicy, sequence_position_ids, validate_anchors, validate_kept
+from mllm.positions import PositionPolicy, position_ids, validate_anchors, validate_kept
 
 if TYPE_CHECKING:
     from mllm.loading import MLLM
@@ -32,7 +32,7 @@ class PromptBatch:
 
     inputs_embeds: torch.Tensor  # (B, L', D)
     attention_mask: torch.Tensor  # (B, L')
-    position_ids: torch.Tensor  # (B, L'); padding gets 1
+    position_ids: torch.Tensor  # (axes, B, L'); padding gets 1
     kept: list[torch.Tensor]  # per row: kept visual indices (0..N-1) in the order fed
     visual_index: list[torch.Tensor]  # per row: sequence positions of the fed visual tokens (kept, then extra)
 
@@ -44,7 +44,7 @@ class Generation:
     token_ids: list[list[int]]  # generated tokens, EOS included when reached
     texts: list[str]  # decoded, special tokens skipped, cut before the first stop string
     kept: list[torch.Tensor]  # visual tokens (original indices) the last LLM layer saw, in order
-    position_ids: list[torch.Tensor]  # prompt position IDs fed to the first LLM layer
+    position_ids: list[torch.Tensor]  # per row: (axes, L') prompt position IDs fed to the first LLM layer
     prefill_logits: torch.Tensor | None = None  # (B, L', V) when requested; in-LLM pruning: kept rows only
     prefill_mask: torch.Tensor | None = None  # (B, L') bool: which rows of prefill_logits are real tokens
     step_logits: torch.Tensor | None = None  # (B, T, V): logits that chose generated token t
@@ -56,14 +56,21 @@ class Generation:
     decode_steps: int = 0  # LLM forward passes after the prefill (tokens decoded per row, at most)
 
 
-def _keep_per_row(keep: KeepSpec, batch: int, num_visual: int) -> list[torch.Tensor]:
+def _keep_per_row(keep: KeepSpec, counts: Sequence[int]) -> list[torch.Tensor]:
+    """One validated keep set per row, each against that row's own number of visual tokens."""
     if keep is None:
-        return [torch.arange(num_visual)] * batch
+        return [torch.arange(count) for count in counts]
     rows = list(keep) if not isinstance(keep, torch.Tensor) or keep.ndim == 2 else None
-    if rows is None or len(rows) != batch:
+    if rows is None or len(rows) != len(counts):
         shape = tuple(keep.shape) if isinstance(keep, torch.Tensor) else len(keep)
-        raise KeepSetError(f"keep must give one keep set per prompt ({batch}), got {shape}")
-    return [validate_kept(torch.as_tensor(row).cpu(), num_visual) for row in rows]
+        raise KeepSetError(f"keep must give one keep set per prompt ({len(counts)}), got {shape}")
+    kept = []
+    for row, (indices, count) in enumerate(zip(rows, counts)):
+        try:
+            kept.append(validate_kept(torch.as_tensor(indices).cpu(), count))
+        except KeepSetError as error:
+            raise KeepSetError(f"row {row}: {error}") from None
+    return kept
 
 
 @dataclass
@@ -77,11 +84,13 @@ class ExtraTokens:
     features: torch.Tensor
     anchors: torch.Tensor
 
-    def check(self, batch: int, num_visual: int) -> None:
+    def check(self, counts: Sequence[int]) -> None:
+        batch = len(counts)
         if self.features.ndim != 3 or self.anchors.shape != self.features.shape[:2] or self.anchors.shape[0] != batch:
             raise KeepSetError(f"extra tokens need features (batch={batch}, m, D) and anchors (batch, m); got "
                                f"{tuple(self.features.shape)} and {tuple(self.anchors.shape)}")
-        validate_anchors(self.anchors.flatten(), num_visual)
+        for anchors, count in zip(self.anchors, counts):
+            validate_anchors(anchors, count)
 
 
 def build_prompt_batch(
@@ -90,22 +99,21 @@ def build_prompt_batch(
 ) -> PromptBatch:
     """Select and order each row's visual tokens (then any `extra`), number the sequence under `policy`, left-pad."""
     policy = PositionPolicy.parse(policy)
-    kept_rows = _keep_per_row(keep, encoding.batch_size, encoding.num_visual)
+    kept_rows = _keep_per_row(keep, encoding.visual_counts)
     if extra is not None:
-        extra.check(encoding.batch_size, encoding.num_visual)
+        extra.check(encoding.visual_counts)
     embeds = encoding.inputs_embeds
     rows, positions, fed = [], [], []
     for row, kept in enumerate(kept_rows):
-        padding, prefix, suffix = encoding.layout(row)
+        padding, prefix, _ = encoding.layout(row)
         start = int(encoding.visual_start[row])
         visual = embeds[row, start + kept.to(embeds.device)]
         anchors = None
         if extra is not None:
             visual = torch.cat([visual, extra.features[row].to(device=embeds.device, dtype=embeds.dtype)])
             anchors = extra.anchors[row]
-        rows.append(torch.cat([embeds[row, padding:start], visual, embeds[row, start + encoding.num_visual:]]))
-        positions.append(sequence_position_ids(kept, prefix, encoding.num_visual, suffix, policy,
-                                               extra_anchors=anchors))
+        rows.append(torch.cat([embeds[row, padding:start], visual, embeds[row, start + encoding.visual_counts[row]:]]))
+        positions.append(position_ids(kept, encoding.layouts[row], policy, extra_anchors=anchors))
         fed.append(len(visual))
 
     length = max(len(row) for row in rows)
@@ -113,16 +121,16 @@ def build_prompt_batch(
     pad_embed = mllm.adapter.embed_tokens(torch.tensor([pad_id or 0], device=embeds.device))[0]
     batch_embeds = pad_embed.expand(len(rows), length, -1).clone()
     mask = torch.zeros(len(rows), length, dtype=encoding.attention_mask.dtype, device=embeds.device)
-    position_ids = torch.ones(len(rows), length, dtype=torch.long, device=embeds.device)
+    batch_ids = torch.ones(positions[0].shape[0], len(rows), length, dtype=torch.long, device=embeds.device)
     visual_index = []
     for row, (sequence, ids) in enumerate(zip(rows, positions)):
         padding = length - len(sequence)
         batch_embeds[row, padding:] = sequence
         mask[row, padding:] = 1
-        position_ids[row, padding:] = ids.to(embeds.device)
+        batch_ids[:, row, padding:] = ids.to(embeds.device)
         prefix = encoding.layout(row)[1]
         visual_index.append(padding + prefix + torch.arange(fed[row]))
-    return PromptBatch(batch_embeds, mask, position_ids, kept_rows, visual_index)
+    return PromptBatch(batch_embeds, mask, batch_ids, kept_rows, visual_index)
 
 
 def _eos_ids(mllm: MLLM) -> set[int]:
@@ -183,7 +191,7 @@ def generate(
                                     torch.stack(prompt.visual_index).to(device))
 
     mask = prompt.attention_mask
-    next_position = prompt.position_ids[:, -1] + 1
+    next_position = prompt.position_ids[:, :, -1:] + 1  # (axes, B, 1): the last prompt token's IDs + 1
     generated = torch.empty(batch, 0, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = [max_new_tokens] * batch
@@ -192,7 +200,7 @@ def generate(
     prefill_done = None
     with hooks as state:
         out = adapter.language_model(inputs_embeds=prompt.inputs_embeds, attention_mask=mask,
-                                     position_ids=prompt.position_ids, use_cache=True)
+                                     position_ids=adapter.llm_position_ids(prompt.position_ids), use_cache=True)
         cache = out.past_key_values
         hidden = out.last_hidden_state
         prefill_logits = adapter.lm_head(hidden) if output_logits else None
@@ -216,7 +224,7 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = adapter.language_model(
                 inputs_embeds=adapter.embed_tokens(token[:, None]), attention_mask=mask,
-                position_ids=(next_position + step)[:, None], past_key_values=cache, use_cache=True)
+                position_ids=adapter.llm_position_ids(next_position + step), past_key_values=cache, use_cache=True)
             logits = adapter.lm_head(out.last_hidden_state[:, -1])
     finished_at = _clock(device)
 
@@ -236,7 +244,7 @@ def generate(
         token_ids=token_ids,
         texts=texts,
         kept=kept,
-        position_ids=[prompt.position_ids[row][prompt.attention_mask[row] == 1].cpu() for row in range(batch)],
+        position_ids=[prompt.position_ids[:, row, prompt.attention_mask[row] == 1].cpu() for row in range(batch)],
         prefill_logits=prefill_logits,
         prefill_mask=logits_mask.bool() if output_logits else None,
         step_logits=torch.stack(step_logits, dim=1) if output_logits else None,

@@ -279,6 +279,8 @@ def _slice_layer_inputs(state: _PruningState, layer: int, args: tuple, kwargs: d
     prefill = cos.shape[1] == state.prefill_length
     stage = state.stage_of(layer) - 1
     reassign = state.pruning.policy == "reassign"
+    # Llama's layers receive position IDs; Qwen2-VL's receive None (M-RoPE lives in cos/sin alone).
+    given = kwargs.get("position_ids")
     if prefill:
         if layer == state.pruning.layers[stage]:
             _choose(state, stage, hidden, kwargs.get("attention_mask"))
@@ -288,13 +290,13 @@ def _slice_layer_inputs(state: _PruningState, layer: int, args: tuple, kwargs: d
             hidden = _gather(hidden, 1, sequence.index)
         sequence = state.sequences[stage + 1]
         mask = sequence.mask
-        positions = sequence.positions if reassign else _gather(kwargs["position_ids"], 1, sequence.source)
+        positions = sequence.positions if reassign or given is None else _gather(given, 1, sequence.source)
     else:
         sequence = state.sequences[stage + 1]
         if layer == state.pruning.layers[0]:
             state.decoded += hidden.shape[1]
         mask = _decode_mask(state, sequence, hidden)
-        positions = kwargs["position_ids"]
+        positions = given
         if reassign:  # continue the stage's renumbered sequence: its last ID + tokens decoded
             positions = sequence.positions[:, -1:] + state.decoded
     if reassign:
@@ -302,7 +304,7 @@ def _slice_layer_inputs(state: _PruningState, layer: int, args: tuple, kwargs: d
     elif prefill:  # keep: each token's own (or its anchor's) rotary position, gathered from the full prompt's
         cos_sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = tuple(_gather(part, 1, sequence.source) for part in cos_sin)
-    kwargs["position_ids"] = positions
+    kwargs["position_ids"] = positions if given is not None else None
     kwargs["attention_mask"] = mask
     if args:
         args = (hidden, *args[1:])

@@ -87,7 +87,7 @@ def run_checks(model: mllm.MLLM, images: list, max_new_tokens: int) -> tuple[lis
     rows = []
     for policy in POLICIES:
         fed = model.generate(encoding, keep=keep, policy=policy, max_new_tokens=1)
-        for token, position in enumerate(fed.position_ids[0].tolist()):
+        for token, position in enumerate(fed.position_ids[0][0].tolist()):
             rows.append({"policy": policy, "token": token, "position_id": position})
     return checks, rows
 

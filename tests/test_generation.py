@@ -51,7 +51,7 @@ def test_pruned_prefill_logits_equal_transformers_forward(tiny_model, images):
             reference = tiny_model.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids),
                                          position_ids=ids).logits[0]
             torch.testing.assert_close(run.prefill_logits[row][mask], reference, atol=1e-5, rtol=1e-5)
-            assert torch.equal(run.position_ids[row], ids[0])
+            assert torch.equal(run.position_ids[row][0], ids[0])
         gap = (keep_run.prefill_logits[row][mask] - reassign_run.prefill_logits[row][mask]).abs().max()
         assert gap > 1e-3, "keep and reassign must feed different positions to the LLM"
 
@@ -99,7 +99,7 @@ def test_ragged_keep_sets_and_token_order(tiny_model, images):
     out = tiny_model.generate(encoding, keep=keep, policy="keep", max_new_tokens=4)
     assert [k.tolist() for k in out.kept] == [[15, 0, 7], list(range(15, -1, -1))]
     prefix = encoding.layout(0)[1]
-    assert out.position_ids[0][prefix:prefix + 3].tolist() == [prefix + 15, prefix, prefix + 7]
+    assert out.position_ids[0][0, prefix:prefix + 3].tolist() == [prefix + 15, prefix, prefix + 7]
 
 
 def test_stop_strings_and_max_new_tokens(tiny_model, images):

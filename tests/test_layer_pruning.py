@@ -115,7 +115,7 @@ def test_recomputed_llm_attention_equals_eager_attention(tiny_model_eager, image
 
     model.generate(encoding, layer_pruning=mllm.LayerPruning(2, select), max_new_tokens=1)
     eager = model.adapter.language_model(inputs_embeds=encoding.inputs_embeds, attention_mask=encoding.attention_mask,
-                                         position_ids=encoding.position_ids, output_attentions=True).attentions[1]
+                                         position_ids=encoding.position_ids[0], output_attentions=True).attentions[1]
     torch.testing.assert_close(captured["attention"], eager[:, :, -1:].float(), atol=1e-5, rtol=1e-5)
     real = encoding.attention_mask.bool()
     rows = real[:, None, :, None].expand_as(eager)  # padded query rows are undefined in both
@@ -299,7 +299,7 @@ def prefill_state(model: mllm.MLLM, encoding: mllm.Encoding, pruning: mllm.Layer
     prompt = mllm.build_prompt_batch(model, encoding)
     with layer_pruning_hooks(pruning, model.adapter, prompt.attention_mask, torch.stack(prompt.visual_index)) as state:
         model.adapter.language_model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                                     position_ids=prompt.position_ids, use_cache=True)
+                                     position_ids=prompt.position_ids[0], use_cache=True)
     return state
 
 

@@ -88,7 +88,7 @@ def test_keep_feeds_original_ids_and_reassign_renumbers(tiny_model, images):
     for row in range(len(images)):
         prefix = encoding.layout(row)[1]
         kept = keep.kept[row]
-        visual = keep.position_ids[row][prefix : prefix + len(kept)]
+        visual = keep.position_ids[row][0, prefix : prefix + len(kept)]
         assert torch.equal(visual, prefix + kept)  # GAP: original IDs
         assert torch.equal(emitted.position_ids[row], raster.position_ids[row])  # both consecutive
         assert torch.equal(raster.kept[row], kept) and sorted(emitted.kept[row].tolist()) == kept.tolist()

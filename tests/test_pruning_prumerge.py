@@ -59,7 +59,7 @@ def test_the_summary_token_is_fed_at_its_anchor(tiny_model, encoding):
     assert out.num_extra == 1
     for row in range(encoding.batch_size):
         prefix, kept = encoding.layout(row)[1], len(out.kept[row])
-        assert int(out.position_ids[row][prefix + kept]) == prefix + encoding.num_visual - 1
+        assert int(out.position_ids[row][0, prefix + kept]) == prefix + encoding.num_visual - 1
     without = prune_generate(tiny_model, encoding, "prumerge:global_token=false", "0.5", "keep", max_new_tokens=1)
     assert without.num_extra == 0
 

@@ -160,7 +160,7 @@ def test_the_mean_token_takes_its_anchors_position(tiny_model, clip_dir, encodin
                          max_new_tokens=1)
     for row in range(encoding.batch_size):
         prefix, kept = encoding.layout(row)[1], len(out.kept[row])
-        assert int(out.position_ids[row][prefix + kept]) == prefix + encoding.num_visual - 1
+        assert int(out.position_ids[row][0, prefix + kept]) == prefix + encoding.num_visual - 1
 
 
 def test_a_batch_of_four_equals_four_single_calls(tiny_model, clip_dir, images):

@@ -45,4 +45,4 @@ def test_the_cls_token_sits_at_its_documented_position(tiny_model, images):
     for row in range(len(images)):
         prefix, kept = encoding.layout(row)[1], len(out.kept[row])
         assert out.num_extra == 1 and kept == 7
-        assert int(out.position_ids[row][prefix + kept]) == prefix + encoding.num_visual - 1
+        assert int(out.position_ids[row][0, prefix + kept]) == prefix + encoding.num_visual - 1
