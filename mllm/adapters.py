@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import nn
 from transformers import (
+    AutoProcessor,
     LlavaForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
@@ -23,9 +25,10 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from mllm.errors import ImageLoadError, UnsupportedModelError
+from mllm.errors import CheckpointNotFoundError, ImageLoadError, UnsupportedModelError
 from mllm.images import FRAME_KINDS, FrameKind, ImageFrame, to_model_square
 from mllm.positions import VisualLayout
+from mllm.processors import load_qwen_processor
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -73,6 +76,14 @@ class ModelAdapter:
     @classmethod
     def check_config(cls, config: PretrainedConfig, source: str) -> None:
         """Raise `UnsupportedModelError` for settings the adapter cannot honour."""
+
+    @classmethod
+    def load_processor(cls, directory: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+        """The checkpoint's processor, offline; `min_pixels` / `max_pixels` bound a native-resolution image."""
+        if min_pixels is not None or max_pixels is not None:
+            raise ValueError(f"min_pixels / max_pixels apply to native-resolution models; {cls.model_types[0]} "
+                             "resizes every image to one fixed square")
+        return AutoProcessor.from_pretrained(directory, local_files_only=True)
 
     # --- parts of the model -------------------------------------------------------------------
     @property
@@ -332,6 +343,22 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl",)
     model_class = Qwen2VLForConditionalGeneration
     position_axes = 3
+
+    @classmethod
+    def load_processor(cls, directory: Path, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
+        for name in ("preprocessor_config.json", "tokenizer_config.json"):
+            if not (directory / name).is_file():
+                raise CheckpointNotFoundError(f"{directory / name}: not found; a Qwen2-VL checkpoint needs its "
+                                              "processor files (preprocessor_config.json, tokenizer files)")
+        processor = load_qwen_processor(directory)
+        size = dict(processor.image_processor.size)
+        for key, value in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)):
+            if value is not None:  # Qwen's image processor keeps min_pixels / max_pixels under these names
+                size[key] = int(value)
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"min_pixels ({size['shortest_edge']}) exceeds max_pixels ({size['longest_edge']})")
+        processor.image_processor.size = size
+        return processor
 
     @property
     def language_model(self) -> nn.Module:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 
 from mllm.adapters import ModelAdapter, adapter_class_for
 from mllm.encoding import Encoding, encode, encode_pixels
@@ -108,12 +108,21 @@ def load(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     attn_implementation: str = "sdpa",
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> MLLM:
-    """Load a checkpoint offline. Raises `CheckpointNotFoundError` or `UnsupportedModelError`."""
+    """Load a checkpoint offline. Raises `CheckpointNotFoundError` or `UnsupportedModelError`.
+
+    `min_pixels` / `max_pixels` bound the resized image of a native-resolution model (Qwen2-VL): each
+    image is resized to between that many pixels, as the checkpoint's processor does with its defaults.
+    """
     directory = _checkpoint_directory(path_or_name)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     adapter_class = adapter_class_for(config, source=str(directory / "config.json"))
     adapter_class.check_config(config, source=str(directory / "config.json"))
+    processor = adapter_class.load_processor(directory, min_pixels, max_pixels)  # before the slow weights
+    processor.tokenizer.padding_side = "left"  # batched generation pads on the left
     target = resolve_device(device)
     model = adapter_class.model_class.from_pretrained(
         directory,
@@ -123,6 +132,4 @@ def load(
         local_files_only=True,
     )
     model = model.to(target).eval()
-    processor = AutoProcessor.from_pretrained(directory, local_files_only=True)
-    processor.tokenizer.padding_side = "left"  # batched generation pads on the left
     return MLLM(model=model, processor=processor, adapter=adapter_class(model), path=directory)
