@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh scripts/constraints.txt
 	bash scripts/setup.sh $(VENV)
 	touch $@
 

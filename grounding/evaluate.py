@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with reported_errors(args.out) as outcome:
         shard = Shard.parse(args.shard)
         dataset = load_dataset(args.dataset, args.data, args.split, images=args.images, split_by=args.split_by)
-        model = mllm.load(args.model, dtype=args.dtype, device=_device(args.device))
+        model = mllm.load(args.model, dtype=args.dtype, device=_device(args.device), min_pixels=args.min_pixels,
+                           max_pixels=args.max_pixels)
         style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(
             model.model.config.model_type)
         style = style.with_options(box_format=args.box_format, image_frame=args.image_frame,

@@ -186,8 +186,12 @@ def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: P
 
 
 def run_config(model: mllm.MLLM, dataset: Dataset, style: PromptStyle, **extra: Any) -> dict:
-    return {
+    config = {
         "model": str(model.path), "model_type": model.model.config.model_type, "dtype": str(model.dtype).split(".")[-1],
         "dataset": dataset.name, "split": dataset.split, "data": str(dataset.source), "task": dataset.task,
         "n_dataset": len(dataset), "prompt_style": asdict(style), **extra,
     }
+    if model.fixed_grid is None:  # native resolution: the pixel bounds decide how many tokens an image gets
+        size = model.processor.image_processor.size
+        config["image_pixels"] = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+    return config

@@ -40,6 +40,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--min-pixels", type=int, help="native-resolution models (Qwen2-VL): resize each image to at "
+                        "least this many pixels (default: the checkpoint's processor's)")
+    parser.add_argument("--max-pixels", type=int, help="native-resolution models: at most this many pixels")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-progress", action="store_true")
 

@@ -37,6 +37,7 @@ from grounding.tasks import (
     task_datasets,
 )
 from misalign.corruptions import Misalignment, corruption_spec, parse_corruption
+from mllm.positions import check_policy
 
 TABLE_COLUMNS = ("corruption", "strength", "seed", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
                  "n")
@@ -64,9 +65,11 @@ def misaligned_predict(misalignment: Misalignment, strength: float, seed: int = 
     """A predictor for `grounding.run_evaluation` that feeds every batch through the corruption."""
 
     def predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
-        corruption = misalignment.at(strength, encoding.num_visual, seed)
-        keep = corruption.order.expand(encoding.batch_size, -1)
-        return mllm.generate(model, encoding, keep=keep, policy=corruption.policy, **options)
+        # Each row's own token count (native-resolution models differ per image); the policy is count-free.
+        corruptions = {count: misalignment.at(strength, count, seed) for count in set(encoding.visual_counts)}
+        keep = [corruptions[count].order for count in encoding.visual_counts]
+        policy = corruptions[encoding.visual_counts[0]].policy
+        return mllm.generate(model, encoding, keep=keep, policy=policy, **options)
 
     return predict
 
@@ -85,8 +88,9 @@ def run_ablation(model: mllm.MLLM, datasets: Mapping[str, Dataset], misalignment
     spec = corruption_spec(misalignment)
     # Tasks and strengths may grow between calls; what the curves are *of* may not.
     check_or_write_config(out, {"model": str(model.path), "corruption": spec, "seed": seed})
-    for strength in strengths:  # a bad strength fails here, before any run
-        misalignment.at(strength, model.num_visual_tokens, seed)
+    for strength in strengths:  # a bad strength fails here, before any run (per image where counts vary)
+        if model.fixed_grid is not None:
+            check_policy(misalignment.at(strength, model.num_visual_tokens, seed).policy, model.adapter.position_axes)
     for task, dataset in datasets.items():
         for strength in strengths:
             config = run_config(model, dataset, style, limit=limit, batch_size=batch_size, corruption=spec,
@@ -139,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         misalignment = parse_corruption(args.kind)
         strengths = parse_strengths(args.strength)
         datasets = task_datasets(args)
-        model = mllm.load(args.model, dtype=args.dtype, device=args.device)
+        model = mllm.load(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
+                           max_pixels=args.max_pixels)
         style = prompt_style(args.prompt_style) if args.prompt_style else None  # None: the checkpoint's own
         table = run_ablation(model, datasets, misalignment, strengths, args.out, style=style, seed=args.seed,
                              batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,

@@ -92,11 +92,12 @@ class Permuted(Misalignment):
     name = "permuted"
     strength_meaning = "fraction of visual tokens whose IDs are shuffled"
 
-    def __init__(self, window: int | None = None) -> None:
+    def __init__(self, window: int | None = None, axis: int | None = None) -> None:
         self.window = window
+        self.axis = axis  # multi-axis IDs (M-RoPE): shuffle this axis's values alone (0: t, 1: h, 2: w)
 
     def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
-        policy = PositionPolicy("permute", fraction=float(strength), window=self.window, seed=seed)
+        policy = PositionPolicy("permute", fraction=float(strength), window=self.window, seed=seed, axis=self.axis)
         return Corruption(self._all(num_visual), policy)
 
 
@@ -107,8 +108,11 @@ class Shifted(Misalignment):
     name = "shifted"
     strength_meaning = "offset added to every visual position ID"
 
+    def __init__(self, axis: int | None = None) -> None:
+        self.axis = axis  # multi-axis IDs (M-RoPE): shift this axis alone (0: t, 1: h, 2: w)
+
     def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
-        return Corruption(self._all(num_visual), PositionPolicy("shift", offset=_integer(strength)))
+        return Corruption(self._all(num_visual), PositionPolicy("shift", offset=_integer(strength), axis=self.axis))
 
 
 @register_corruption
@@ -143,9 +147,23 @@ class TokenPermutation(Misalignment):
 
     def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
         slots = PositionPolicy("permute", fraction=float(strength), seed=seed)
-        # The same seeded shuffle the ID permutation uses, applied to the tokens instead of their IDs.
+        # The same seeded shuffle the ID permutation uses, applied to the tokens instead of their IDs. Each
+        # slot keeps its own IDs (`compact` with every token fed): sequential for LLaVA, the grid's for M-RoPE.
         order = visual_position_ids(self._all(num_visual), 0, num_visual, slots)
-        return Corruption(order, PositionPolicy("reassign"))
+        return Corruption(order, PositionPolicy("compact"))
+
+
+@register_corruption
+class Transposed(Misalignment):
+    """M-RoPE only: the h and w axes of every visual ID swapped (does the predicted box flip?)."""
+
+    name = "transposed"
+    strength_meaning = "0: original IDs, 1: h and w swapped"
+
+    def at(self, strength: float, num_visual: int, seed: int = 0) -> Corruption:
+        if float(strength) not in (0.0, 1.0):
+            raise ValueError(f"transposed: strength is 0 (original IDs) or 1 (h and w swapped), got {strength}")
+        return Corruption(self._all(num_visual), PositionPolicy("transpose" if strength else "keep"))
 
 
 def _integer(strength: float) -> int:

@@ -22,17 +22,24 @@ from mllm.errors import (
     PromptError,
     UnsupportedModelError,
 )
-from mllm.generation import ExtraTokens, Generation, PromptBatch, build_prompt_batch, generate
+from mllm.generation import (
+    ExtraTokens,
+    Generation,
+    PromptBatch,
+    build_prompt_batch,
+    generate,
+    merge_generations,
+)
 from mllm.images import ImageFrame, load_image
 from mllm.layer_pruning import LayerContext, LayerPruning, LayerSelection
 from mllm.loading import MLLM, load
-from mllm.positions import PositionPolicy, next_position_id, sequence_position_ids
+from mllm.positions import PositionPolicy, VisualLayout, next_position_id, position_ids, sequence_position_ids
 from mllm.prompts import build_prompt
 
 __all__ = [
     "MLLM", "CheckpointNotFoundError", "Encoding", "ExtraTokens", "Generation", "ImageFrame", "ImageLoadError",
     "KeepSetError", "LayerContext", "LayerPruning", "LayerSelection", "MLLMError", "ModelAdapter", "PositionPolicy",
-    "PromptBatch", "PromptError", "UnsupportedModelError", "build_prompt", "build_prompt_batch",
-    "encode", "encode_pixels", "generate", "load", "load_image", "next_position_id", "register_adapter",
-    "sequence_position_ids", "supported_model_types",
+    "PromptBatch", "PromptError", "UnsupportedModelError", "VisualLayout", "build_prompt", "build_prompt_batch",
+    "encode", "encode_pixels", "generate", "load", "load_image", "merge_generations", "next_position_id",
+    "position_ids", "register_adapter", "sequence_position_ids", "supported_model_types",
 ]

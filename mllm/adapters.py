@@ -69,6 +69,8 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[type[PreTrainedModel]]
     position_axes: ClassVar[int] = 1  # axes of the LLM's position IDs (3 for M-RoPE)
+    has_cls_token: ClassVar[bool] = False  # whether the vision tower's sequence starts with a CLS token
+    processor_frame: ClassVar[FrameKind] = "original"  # the frame that shows the processor the image as given
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -119,6 +121,11 @@ class ModelAdapter:
     def num_visual_tokens(self) -> int:
         rows, cols = self.grid
         return rows * cols
+
+    @property
+    def fixed_grid(self) -> tuple[int, int] | None:
+        """`grid` where every image gets the same one; None for native-resolution models."""
+        return self.grid
 
     def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(token_ids)
@@ -224,6 +231,8 @@ class LlavaAdapter(ModelAdapter):
 
     model_types = ("llava",)
     model_class = LlavaForConditionalGeneration
+    has_cls_token = True
+    processor_frame = "cropped"  # llava-hf's processor resizes and centre-crops
 
     @classmethod
     def check_config(cls, config: PretrainedConfig, source: str) -> None:
@@ -388,6 +397,10 @@ class Qwen2VLAdapter(ModelAdapter):
     def grid(self) -> tuple[int, int]:
         raise UnsupportedModelError(f"{self.model_type} keeps each image's native resolution, so it has no fixed "
                                     "grid of visual tokens: read each row's from `Encoding.grids`")
+
+    @property
+    def fixed_grid(self) -> tuple[int, int] | None:
+        return None
 
     @property
     def merged_patch_size(self) -> int:

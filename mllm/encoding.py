@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -77,10 +78,52 @@ class Encoding:
         rows = torch.arange(self.batch_size, device=self.inputs_embeds.device)[:, None]
         return self.inputs_embeds[rows, self.visual_index().to(self.inputs_embeds.device)]
 
+    def subset(self, rows: Sequence[int]) -> Encoding:
+        """Rows `rows` as a batch of their own, the padding every one of them has trimmed off the left."""
+        index = torch.tensor(list(rows), device=self.input_ids.device)
+        mask = self.attention_mask[index]
+        trim = int((mask == 0).all(dim=0).long().cumprod(dim=0).sum())
+        pixel_values = self.pixel_values
+        vision_inputs = self.vision_inputs
+        if vision_inputs and "image_grid_thw" in vision_inputs:  # patches of every image in one flat tensor
+            grid_thw = vision_inputs["image_grid_thw"]
+            pieces = pixel_values.split(grid_thw.prod(dim=-1).tolist())
+            pixel_values = torch.cat([pieces[row] for row in rows])
+            vision_inputs = {**vision_inputs, "image_grid_thw": grid_thw[index]}
+        else:
+            pixel_values = pixel_values[index]
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids[index, trim:],
+            attention_mask=mask[:, trim:],
+            inputs_embeds=self.inputs_embeds[index, trim:],
+            position_ids=self.position_ids[:, index, trim:],
+            visual_start=self.visual_start[index] - trim,
+            visual_counts=[self.visual_counts[row] for row in rows],
+            grids=[self.grids[row] for row in rows],
+            layouts=[self.layouts[row] for row in rows],
+            frames=[self.frames[row] for row in rows],
+            prompts=[self.prompts[row] for row in rows],
+            pixel_values=pixel_values,
+            vision_inputs=vision_inputs,
+            vision_hidden_states=None if self.vision_hidden_states is None else
+            tuple(_rows_of(state, rows) for state in self.vision_hidden_states),
+            vision_attentions=None if self.vision_attentions is None else
+            {layer: _rows_of(attention, rows) for layer, attention in self.vision_attentions.items()},
+            messages=None if self.messages is None else [self.messages[row] for row in rows],
+        )
+
     def layout(self, row: int) -> tuple[int, int, int]:
         """(padding, prefix_len, suffix_len) of row `row`."""
         padding = int((self.attention_mask[row] == 0).sum())
         return padding, self.layouts[row].prefix_len, self.layouts[row].suffix_len
+
+
+def _rows_of(value: torch.Tensor | Sequence, rows: Sequence[int]) -> torch.Tensor | list:
+    """Rows `rows` of a batched tensor, or of a per-image list (ragged vision states)."""
+    if isinstance(value, torch.Tensor):
+        return value[torch.tensor(list(rows), device=value.device)]
+    return [value[row] for row in rows]
 
 
 def _as_list(value: object) -> list:

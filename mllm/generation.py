@@ -56,6 +56,34 @@ class Generation:
     decode_steps: int = 0  # LLM forward passes after the prefill (tokens decoded per row, at most)
 
 
+def merge_generations(parts: Sequence[tuple[Sequence[int], Generation]], batch: int) -> Generation:
+    """One `Generation` for a batch run in parts (rows grouped by grid): part i holds rows `parts[i][0]`.
+
+    Logits are not merged (the parts' prompts differ in length); the parts' times add up.
+    """
+    if any(part.prefill_logits is not None for _, part in parts):
+        raise KeepSetError("logits of a batch run in parts are not merged: request output_logits for rows "
+                           "with one grid of visual tokens")
+    order = [None] * batch
+    for rows, part in parts:
+        for position, row in enumerate(rows):
+            order[row] = (part, position)
+    per_row = {name: [getattr(part, name)[position] for part, position in order]
+               for name in ("token_ids", "texts", "kept", "position_ids")}
+    extras = {part.num_extra for _, part in parts}
+    if len(extras) > 1:
+        raise KeepSetError(f"parts of one batch fed different numbers of extra tokens: {sorted(extras)}")
+    return Generation(
+        **per_row,
+        num_extra=extras.pop(),
+        layer_tokens=torch.stack([part.layer_tokens[position] for part, position in order]),
+        visual_layer_tokens=torch.stack([part.visual_layer_tokens[position] for part, position in order]),
+        prefill_seconds=sum(part.prefill_seconds for _, part in parts),
+        decode_seconds=sum(part.decode_seconds for _, part in parts),
+        decode_steps=sum(part.decode_steps for _, part in parts),
+    )
+
+
 def _keep_per_row(keep: KeepSpec, counts: Sequence[int]) -> list[torch.Tensor]:
     """One validated keep set per row, each against that row's own number of visual tokens."""
     if keep is None:

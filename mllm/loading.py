@@ -86,6 +86,11 @@ class MLLM:
     def num_visual_tokens(self) -> int:
         return self.adapter.num_visual_tokens
 
+    @property
+    def fixed_grid(self) -> tuple[int, int] | None:
+        """The grid every image is encoded to, or None where it depends on the image (native resolution)."""
+        return self.adapter.fixed_grid
+
     def prompt(self, text: str) -> str:
         """The model's prompt for one user message about one image."""
         return build_prompt(self.processor, text)

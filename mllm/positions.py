@@ -239,6 +239,12 @@ def position_ids(
     ], dim=1)
 
 
+def check_policy(policy: PositionPolicy | str, num_axes: int) -> None:
+    """Raise `KeepSetError` where `policy` cannot number position IDs of `num_axes` axes (e.g. transpose on LLaVA)."""
+    position_ids(torch.zeros(1, dtype=torch.long), VisualLayout(0, 0, torch.zeros(num_axes, 1, dtype=torch.long)),
+                 policy)
+
+
 def sequence_position_ids(
     kept: torch.Tensor,
     prefix_len: int,

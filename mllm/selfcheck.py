@@ -51,15 +51,18 @@ def transformers_generate_tokens(
     batch = model.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     out = model.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    eos = model.tokenizer.eos_token_id
+    eos = model.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else model.tokenizer.eos_token_id])
     rows = out[:, batch["input_ids"].shape[1]:].tolist()
-    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+    cuts = [[step for step, token in enumerate(row) if token in eos] for row in rows]
+    return [row[: ends[0] + 1] if ends else row for row, ends in zip(rows, cuts)]
 
 
 def run_checks(model: mllm.MLLM, images: list, max_new_tokens: int) -> tuple[list[dict], list[dict]]:
     checks = []
     prompts = [model.prompt(QUESTIONS[index % len(QUESTIONS)]) for index in range(len(images))]
-    encoding = model.encode(images, prompts, raw_prompts=True, frame="cropped")
+    # The frame in which the toolkit shows the processor exactly the images it would be given directly.
+    encoding = model.encode(images, prompts, raw_prompts=True, frame=model.adapter.processor_frame)
 
     started = time.perf_counter()
     ours = model.generate(encoding, max_new_tokens=max_new_tokens)
@@ -68,10 +71,12 @@ def run_checks(model: mllm.MLLM, images: list, max_new_tokens: int) -> tuple[lis
     checks.append({"check": "unpruned generate == transformers generate", "batch": len(images),
                    "passed": ours.token_ids == reference, "seconds": round(seconds, 3)})
 
+    # In-LLM pruning needs one visual-token count per batch: the rows with the first row's grid.
+    encoding = encoding.subset([row for row, grid in enumerate(encoding.grids) if grid == encoding.grids[0]])
     generator = torch.Generator().manual_seed(0)
-    count = model.num_visual_tokens
+    count = encoding.num_visual
     keep = torch.stack([torch.randperm(count, generator=generator)[: count // 2].sort().values
-                        for _ in images])
+                        for _ in range(encoding.batch_size)])
     gap = model.generate(encoding, keep=keep, policy="keep", max_new_tokens=1, output_logits=True)
     renumbered = model.generate(encoding, keep=keep, policy="reassign", max_new_tokens=1, output_logits=True)
     difference = (gap.step_logits - renumbered.step_logits).abs().max().item()
@@ -85,11 +90,17 @@ def run_checks(model: mllm.MLLM, images: list, max_new_tokens: int) -> tuple[lis
                    "value": difference, "passed": difference < 1e-3})
 
     rows = []
-    for policy in POLICIES:
+    for policy in POLICIES + (("compact", "transpose") if model.adapter.position_axes == 3 else ()):
         fed = model.generate(encoding, keep=keep, policy=policy, max_new_tokens=1)
-        for token, position in enumerate(fed.position_ids[0][0].tolist()):
-            rows.append({"policy": policy, "token": token, "position_id": position})
+        for token, ids in enumerate(fed.position_ids[0].T.tolist()):
+            rows.append({"policy": policy, "token": token, **dict(zip(id_columns(model), ids))})
     return checks, rows
+
+
+def id_columns(model: mllm.MLLM) -> list[str]:
+    """One position-ID column per axis: `position_id` for LLaVA, `position_id_t/_h/_w` for M-RoPE."""
+    axes = model.adapter.position_axes
+    return ["position_id"] if axes == 1 else [f"position_id_{axis}" for axis in "thw"[:axes]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     with open(out / "position_ids.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["policy", "token", "position_id"])
+        writer = csv.DictWriter(handle, fieldnames=["policy", "token", *id_columns(model)])
         writer.writeheader()
         writer.writerows(rows)
     for check in checks:

@@ -5,7 +5,9 @@ The three position policies a pruning run compares:
 - ``reassign``: the kept tokens, in the order the method emits them, renumbered consecutively (what
   pruning methods do today; PruMerge, for one, emits in score order);
 - ``reassign-raster``: the same tokens sorted back into raster order, then renumbered;
-- ``keep`` (GAP): raster order, every kept token at its original position ID.
+- ``keep`` (GAP): raster order, every kept token at its original position ID;
+- ``compact``: raster order, the kept tokens at the image's first raster slots' IDs, text renumbered after
+  them (what ports that slice Qwen2-VL's precomputed M-RoPE IDs to the kept count do; ``reassign`` for LLaVA).
 
 Merged tokens sit at their host's position (see `pruning.registry.Selection`).
 """
@@ -20,13 +22,13 @@ import mllm
 from pruning.budget import Budget
 from pruning.registry import LayerPruningMethod, PruningMethod, Selection, VisionPruning, make_method
 
-POSITIONS = ("reassign", "reassign-raster", "keep")
+POSITIONS = ("reassign", "reassign-raster", "keep", "compact")
 
 
 def mllm_policy(positions: str) -> str:
     if positions not in POSITIONS:
         raise ValueError(f"unknown position policy {positions!r}; choose one of {', '.join(POSITIONS)}")
-    return "keep" if positions == "keep" else "reassign"
+    return positions if positions in ("keep", "compact") else "reassign"
 
 
 def check_selection(selection: Selection, encoding: mllm.Encoding, method: PruningMethod) -> None:
@@ -63,6 +65,13 @@ def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMet
     method = make_method(method)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     policy = mllm_policy(positions)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, grid in enumerate(encoding.grids):
+        groups.setdefault(grid, []).append(row)
+    if len(groups) > 1:  # native-resolution images: each grid is a batch of its own, budgeted on its own count
+        parts = [(rows, prune_generate(model, encoding.subset(rows), method, budget, positions, **generate_options))
+                 for rows in groups.values()]
+        return mllm.merge_generations(parts, encoding.batch_size)
     num_kept = budget.num_kept(encoding.num_visual)
     if isinstance(method, LayerPruningMethod):
         pruning = method.layer_pruning(model, encoding, num_kept, policy)

@@ -42,7 +42,7 @@ from grounding.tasks import (
 )
 from pruning.apply import POSITIONS, mllm_policy, prune_generate
 from pruning.budget import Budget
-from pruning.registry import PruningMethod, make_method, method_spec
+from pruning.registry import LayerPruningMethod, PruningMethod, make_method, method_spec
 
 TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
                  "n", "tokens_fed", "tokens_layer_mean", "num_visual", "prefill_gflops", "prefill_ms",
@@ -103,13 +103,16 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
         mllm_policy(policy)  # an unknown policy fails before anything is written
     for method in methods:
         method.encode_options(model)  # a method that cannot read this model (trim's CLIP width) fails first
+        if isinstance(method, LayerPruningMethod) and "compact" in positions:
+            raise ValueError(f"{method_spec(method)!r} prunes inside the LLM, where 'compact' positions are not "
+                             "defined (its tokens already carry their IDs): run it with reassign and keep")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     style = style or default_style_for(model.model.config.model_type)
     check_or_write_config(out, {"model": str(model.path)})
     for task, dataset in datasets.items():
         base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
-                          num_visual=model.num_visual_tokens)
+                          num_visual=model.num_visual_tokens if model.fixed_grid else None)
         _log(progress, f"{task} unpruned")
         run_evaluation(model, dataset, run_directory(out, task), style, config={**base, "method": UNPRUNED},
                        batch_size=batch_size, limit=limit, resamples=resamples, progress=progress)
@@ -149,6 +152,10 @@ def pruning_table(out: str | Path) -> pd.DataFrame:
                          "decode_ms_per_step": cost.get("decode_seconds_per_step", float("nan")) * 1e3,
                          "peak_memory_mib": cost.get("peak_memory_bytes", float("nan")) / 2**20})
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    # Native-resolution models have no one count: the unpruned run's mean visual tokens per sample stand in.
+    if table.num_visual.isna().any():
+        unpruned = table[table.method == UNPRUNED].groupby("task").tokens_fed.first()
+        table["num_visual"] = table.num_visual.fillna(table.task.map(unpruned)).astype(float)
     return table.sort_values(["task", "metric", "method", "budget", "positions"], ignore_index=True)
 
 
@@ -194,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets = parse_budget_list(args.ratios, args.keep)
         positions = [policy for policy in args.positions.split(",") if policy]
         datasets = task_datasets(args)
-        model = mllm.load(args.model, dtype=args.dtype, device=args.device)
+        model = mllm.load(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
+                           max_pixels=args.max_pixels)
         style = prompt_style(args.prompt_style) if args.prompt_style else None
         table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
                             batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,

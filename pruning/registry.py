@@ -108,6 +108,14 @@ class LayerPruningMethod(PruningMethod):
         raise NotImplementedError
 
 
+def require_cls_token(method: PruningMethod, model: mllm.MLLM) -> None:
+    """Refuse, by name, a method that scores patches by a CLS token the model's vision tower does not have."""
+    if not model.adapter.has_cls_token:
+        raise mllm.UnsupportedModelError(
+            f"pruning method {method_spec(method)!r} scores patches by the vision tower's CLS token, and "
+            f"{model.adapter.model_type}'s vision tower has none (see pruning/REFERENCES.md)")
+
+
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, k) indices of the k highest scores per row, best first; ties go to the lower index."""
     order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices

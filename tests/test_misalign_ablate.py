@@ -115,7 +115,7 @@ def test_corruption_specs_round_trip():
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["--kind", "rotated", "--strength", "1"], "unknown corruption 'rotated'"),
-    (["--kind", "permuted:size=3", "--strength", "1"], "corruption 'permuted' takes options ['window']"),
+    (["--kind", "permuted:size=3", "--strength", "1"], "corruption 'permuted' takes options ['window', 'axis']"),
     (["--kind", "shifted", "--strength", "0.5"], "number of positions, got 0.5"),
     (["--kind", "permuted", "--strength", "0,2"], "'fraction' must lie in [0, 1]"),
     (["--kind", "permuted", "--strength", "half"], "--strength: need comma-separated numbers"),

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from misalign import CORRUPTIONS, make_corruption
-from mllm import sequence_position_ids
+from mllm import KeepSetError, VisualLayout, position_ids, sequence_position_ids
 from tests.conftest import PROMPTS
 
 N, PREFIX, SUFFIX = 64, 5, 7
 STRENGTHS = {"identity": [0, 1], "permuted": [0, 0.1, 1], "shifted": [0, 8, -3], "span-shift": [0, 4, 20],
-             "token-permutation": [0, 0.1, 1]}
+             "token-permutation": [0, 0.1, 1], "transposed": [0, 1]}
+# LLaVA's one axis, and Qwen2-VL's M-RoPE (t, h, w) over an 8x8 grid of visual tokens.
+LAYOUTS = {"1-axis": VisualLayout.sequential(PREFIX, N, SUFFIX), "m-rope": VisualLayout.grid(PREFIX, 8, 8, SUFFIX)}
 
 
 def ids(corruption):
@@ -22,16 +24,44 @@ def test_every_registered_kind_is_tested():
     assert set(CORRUPTIONS) == set(STRENGTHS)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kind", sorted(STRENGTHS))
-def test_corruptions_keep_every_token_and_touch_only_visual_ids(kind):
-    identity = ids(make_corruption("identity").at(0, N))
+def test_corruptions_keep_every_token_and_touch_only_visual_ids(kind, layout):
+    layout = LAYOUTS[layout]
+    identity = position_ids(torch.arange(N), layout, make_corruption("identity").at(0, N).policy)
     for strength in STRENGTHS[kind]:
         corruption = make_corruption(kind).at(strength, N, seed=1)
         assert sorted(corruption.order.tolist()) == list(range(N))  # nothing dropped
-        got = ids(corruption)
-        assert torch.equal(got[:PREFIX], identity[:PREFIX]) and torch.equal(got[-SUFFIX:], identity[-SUFFIX:])
+        if kind == "transposed" and strength and layout.num_axes == 1:
+            with pytest.raises(KeepSetError, match="transpose"):
+                position_ids(corruption.order, layout, corruption.policy)
+            continue
+        got = position_ids(corruption.order, layout, corruption.policy)
+        assert torch.equal(got[:, :PREFIX], identity[:, :PREFIX])
+        assert torch.equal(got[:, -SUFFIX:], identity[:, -SUFFIX:])
         if strength == 0:
             assert torch.equal(got, identity) and torch.equal(corruption.order, torch.arange(N))
+
+
+def test_m_rope_kinds_do_what_they_say():
+    layout = LAYOUTS["m-rope"]
+    original = layout.visual_ids
+    visual = slice(PREFIX, PREFIX + N)
+
+    def visual_ids(corruption):
+        return position_ids(corruption.order, layout, corruption.policy)[:, visual]
+
+    transposed = visual_ids(make_corruption("transposed").at(1, N))
+    assert torch.equal(transposed, original[[0, 2, 1]])  # h and w swapped, t as it was
+    shifted = visual_ids(make_corruption("shifted", axis=2).at(3, N))
+    assert torch.equal(shifted[2], original[2] + 3) and torch.equal(shifted[:2], original[:2])
+    permuted = visual_ids(make_corruption("permuted", axis=1).at(1.0, N, seed=0))
+    assert torch.equal(permuted[[0, 2]], original[[0, 2]]) and not torch.equal(permuted[1], original[1])
+    assert sorted(permuted[1].tolist()) == sorted(original[1].tolist())
+    reordered = make_corruption("token-permutation").at(1.0, N, seed=0)
+    assert torch.equal(visual_ids(reordered), original)  # each slot keeps its grid IDs, tokens moved
+    with pytest.raises(ValueError, match="strength is 0"):
+        make_corruption("transposed").at(0.5, N)
 
 
 def test_each_kind_does_what_it_says():

@@ -6,6 +6,9 @@ prompts are fed to transformers' model with those IDs sliced to the kept tokens 
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import random_image
@@ -219,3 +222,31 @@ def test_bad_input_is_named(qwen, qwen_checkpoint, tmp_path):
         qwen.generate(encoding, keep=[torch.arange(2), torch.tensor([0, too_far])], max_new_tokens=1)
     with pytest.raises(ValueError, match="cropped"):
         qwen.encode(sized_images()[:1], PROMPTS[:1], frame="cropped")
+
+
+def test_selfcheck_passes_on_qwen(qwen_checkpoint, tmp_path):
+    from mllm import selfcheck
+
+    assert selfcheck.main(["--model", str(qwen_checkpoint), "--out", str(tmp_path), "--device", "cpu",
+                           "--dtype", "float32", "--max-new-tokens", "4"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["checks"]) == 3 and all(check["passed"] for check in summary["checks"])
+    rows = (tmp_path / "position_ids.csv").read_text().splitlines()
+    assert rows[0] == "policy,token,position_id_t,position_id_h,position_id_w"
+    assert {row.split(",")[0] for row in rows[1:]} == {*selfcheck.POLICIES, "compact", "transpose"}
+
+
+def test_a_qwen_directory_without_its_processor_files_is_named(qwen_checkpoint, tmp_path):
+    directory = tmp_path / "no-processor"
+    shutil.copytree(qwen_checkpoint, directory)
+    (directory / "preprocessor_config.json").unlink()
+    with pytest.raises(mllm.CheckpointNotFoundError, match=r"preprocessor_config.json: not found"):
+        mllm.load(directory, device="cpu")
+
+
+def test_min_and_max_pixels_bound_the_visual_tokens(qwen_checkpoint):
+    small = mllm.load(qwen_checkpoint, device="cpu", max_pixels=48 * 48)
+    encoding = small.encode([random_image(0, 96, 96)], PROMPTS[:1], frame="original")
+    assert encoding.grids == [(3, 3)] and encoding.frames[0].width == 96
+    with pytest.raises(ValueError, match="min_pixels"):
+        mllm.load(qwen_checkpoint, device="cpu", min_pixels=96 * 96, max_pixels=48 * 48)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import mllm
-from pruning.registry import Selection, VisionPruning, register_method, top_k_indices
+from pruning.registry import Selection, VisionPruning, register_method, require_cls_token, top_k_indices
 
 
 def cls_attention(model: mllm.MLLM, encoding: mllm.Encoding, layer: int) -> torch.Tensor:
@@ -29,6 +29,7 @@ class ClsVisualPruning(VisionPruning):
         self.layer = layer
 
     def encode_options(self, model: mllm.MLLM) -> dict[str, object]:
+        require_cls_token(self, model)
         return {"vision_attentions": [self.layer]}
 
     def select(self, model: mllm.MLLM, encoding: mllm.Encoding, num_kept: int) -> Selection:

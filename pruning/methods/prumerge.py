@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 import mllm
-from pruning.registry import Selection, VisionPruning, register_method, top_k_indices
+from pruning.registry import Selection, VisionPruning, register_method, require_cls_token, top_k_indices
 
 
 @torch.no_grad()
@@ -86,6 +86,7 @@ class PruMerge(VisionPruning):
         self.extra_position = extra_position
 
     def encode_options(self, model: mllm.MLLM) -> dict[str, object]:
+        require_cls_token(self, model)
         return {"vision_hidden_states": True}
 
     def patches(self, num_kept: int) -> int:

@@ -19,7 +19,7 @@ import torch
 
 import mllm
 from pruning.methods.cls_visual import cls_attention
-from pruning.registry import Selection, VisionPruning, register_method, top_k_indices
+from pruning.registry import Selection, VisionPruning, register_method, require_cls_token, top_k_indices
 
 
 @torch.no_grad()
@@ -50,6 +50,7 @@ class VisionZip(VisionPruning):
         self.cls_position = cls_position
 
     def encode_options(self, model: mllm.MLLM) -> dict[str, object]:
+        require_cls_token(self, model)
         return {"vision_hidden_states": True, "vision_attentions": [self.layer]}
 
     def split(self, num_kept: int) -> tuple[int, int]:
