@@ -1,10 +1,12 @@
 """The one box parser, the one IoU, and the mapping of a model's answer to image pixels.
 
-A model answers with four numbers. `parse_box` takes the first `[a, b, c, d]`, `(a, b, c, d)` or
-Qwen2-VL's `(a, b),(c, d)` in the text. The numbers are read by the model's box format:
-`normalized` (0-1, LLaVA), `normalized1000` (0-1000, Qwen2-VL) or `pixels` (of the original
-image), in the model's answer frame (`mllm.ImageFrame`: fractions of the padded square, of the
-image itself, or of the centre crop). Every box is compared in pixels of the original image.
+A model answers with four numbers. `parse_box` takes the box of the first JSON `"bbox_2d": [a, b, c, d]`
+(Qwen2.5-VL) when there is one, else the first `[a, b, c, d]`, `(a, b, c, d)` or Qwen2-VL's
+`(a, b),(c, d)` in the text. The numbers are read by the model's box format: `normalized` (0-1,
+LLaVA), `normalized1000` (0-1000, Qwen2-VL), `input_pixels` (pixels of the image the model saw after
+its processor resized it, Qwen2.5-VL) or `pixels` (of the original image), in the model's answer
+frame (`mllm.ImageFrame`: fractions of the padded square, of the image itself, or of the centre
+crop). Every box is compared in pixels of the original image.
 
 lmms-eval's rule (`refcoco_bbox_rec` tasks) is stricter: only `[a, b, c, d]` with `", "`-style
 separators and plain decimals counts; anything else scores as [0, 0, 0, 0]. `ParsedBox.lmms_eval`
@@ -20,8 +22,8 @@ from typing import Literal
 from mllm.images import ImageFrame
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
-BoxFormat = Literal["normalized", "normalized1000", "pixels"]
-BOX_FORMATS: tuple[str, ...] = ("normalized", "normalized1000", "pixels")
+BoxFormat = Literal["normalized", "normalized1000", "input_pixels", "pixels"]
+BOX_FORMATS: tuple[str, ...] = ("normalized", "normalized1000", "input_pixels", "pixels")
 
 _LMMS_EVAL_NUMBER = r"(-?\d+(?:\.\d+)?)"
 LMMS_EVAL_PATTERN = re.compile(r"\[\s*" + r",\s*".join([_LMMS_EVAL_NUMBER] * 4) + r"\s*\]")
@@ -31,6 +33,8 @@ _PATTERNS = (
     re.compile(rf"[\[(]\s*{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}\s*[\])]"),
     re.compile(rf"\(\s*{_NUMBER}{_SEP}{_NUMBER}\s*\){_SEP}\(\s*{_NUMBER}{_SEP}{_NUMBER}\s*\)"),
 )
+# Qwen2.5-VL's JSON key; its box wins over any 4-tuple before it (say, in a label).
+_BBOX_2D = re.compile(rf"""["']bbox_2d["']\s*:\s*\[\s*{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}\s*\]""")
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,10 @@ class ParsedBox:
 
 
 def parse_box(text: str) -> ParsedBox:
-    """The first bracketed 4-tuple of numbers in `text`; `values` is None when there is none."""
-    matches = [match for pattern in _PATTERNS if (match := pattern.search(text))]
+    """The first `"bbox_2d"` box, else the first bracketed 4-tuple of numbers in `text`; `values` is None
+    when there is none."""
+    keyed = _BBOX_2D.search(text)
+    matches = [keyed] if keyed else [match for pattern in _PATTERNS if (match := pattern.search(text))]
     first = min(matches, key=lambda match: match.start(), default=None)
     strict = LMMS_EVAL_PATTERN.search(text)
     return ParsedBox(
@@ -68,6 +74,11 @@ def answer_to_pixels(values: Box, box_format: BoxFormat, frame: ImageFrame) -> B
         return frame.to_pixels(values)
     if box_format == "normalized1000":
         return frame.to_pixels(tuple(v / 1000 for v in values))
+    if box_format == "input_pixels":
+        if frame.input_size is None:
+            raise ValueError("box format 'input_pixels' needs the size of the image the model saw "
+                             "(ImageFrame.input_size), and this frame has none")
+        return frame.input_pixels_to_pixels(values)
     raise ValueError(f"unknown box format {box_format!r}; choose one of {BOX_FORMATS}")
 
 

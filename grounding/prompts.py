@@ -3,7 +3,9 @@
 The default, `llava-1.5`, is lmms-eval's: its `refcoco_bbox_rec` prompt and its GQA post-prompt,
 answers read as 0-1 fractions of the original image as lmms-eval scores them (whether LLaVA-1.5
 means fractions of the padded square it saw is unsettled: `--answer-frame padded` reads them so).
-Register another family with `register_prompt_style`.
+Qwen2-VL (`qwen2-vl`) and Qwen2.5-VL (`qwen2.5-vl`) are asked in their own grounding formats, as
+their makers document them; lmms-eval's `refcoco_bbox_rec` asks every model the LLaVA prompt and
+reads only `[a, b, c, d]` fractions. Register another family with `register_prompt_style`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ LMMS_EVAL_REC_PROMPT = (
     "bounding box coordinate of the region this sentence describes: {expression}"
 )
 LMMS_EVAL_GQA_PROMPT = "{question}\nAnswer the question using a single word or phrase."
+# Qwen2-VL's grounding format (as ms-swift's Qwen2-VL grounding data writes it): the expression between
+# its reference tokens; it answers `<|box_start|>(x1,y1),(x2,y2)<|box_end|>`, 0-1000 of the image.
+QWEN2_VL_REC_PROMPT = "Find <|object_ref_start|>{expression}<|object_ref_end|>"
+# The prompt the Qwen team gives for Qwen2.5-VL on RefCOCO (QwenLM/Qwen3-VL#991); it answers
+# ```json [{"bbox_2d": [x1, y1, x2, y2], "label": ...}]``` in pixels of the resized input image.
+QWEN2_5_VL_REC_PROMPT = "Locate {expression} in this image and output the bbox coordinates in JSON format."
 
 
 @dataclass(frozen=True)
@@ -85,3 +93,13 @@ def default_style_for(model_type: str) -> PromptStyle:
 # lmms-eval asks every model the same; its LLaVA wrappers stop generating at "ASSISTANT:".
 register_prompt_style(PromptStyle("llava-1.5", LMMS_EVAL_REC_PROMPT, LMMS_EVAL_GQA_PROMPT, stop=("ASSISTANT:",)),
                       model_types=("llava",))
+
+# Qwen keeps the native resolution: its processor resizes each axis (within min/max pixels), so fractions
+# of what it saw are fractions of the original image. It stops at its EOS, `<|im_end|>`: no stop string.
+register_prompt_style(PromptStyle("qwen2-vl", QWEN2_VL_REC_PROMPT, LMMS_EVAL_GQA_PROMPT, box_format="normalized1000",
+                                  image_frame="original", answer_frame="original", rec_max_new_tokens=128),
+                      model_types=("qwen2_vl",))
+register_prompt_style(PromptStyle("qwen2.5-vl", QWEN2_5_VL_REC_PROMPT, LMMS_EVAL_GQA_PROMPT,
+                                  box_format="input_pixels", image_frame="original", answer_frame="original",
+                                  rec_max_new_tokens=128),
+                      model_types=("qwen2_5_vl",))

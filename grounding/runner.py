@@ -84,7 +84,8 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
         cost = generation_cost(model, generation, memory["bytes"])
         for row, (sample, image) in enumerate(ready):
             text = generation.texts[row].strip()
-            record = score_rec(sample, text, image.size, style) if task == "rec" else score_vqa(sample, text)
+            record = (score_rec(sample, text, image.size, style, input_size=encoding.frames[row].input_size)
+                      if task == "rec" else score_vqa(sample, text))
             records[sample.index] = {**record, **cost[row]}
     return [records[sample.index] for sample in samples]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from grounding.boxes import answer_to_pixels, center_inside, iou, parse_box
 from grounding.data.samples import Sample
 from grounding.metrics import exact_match
@@ -14,13 +16,21 @@ def _base(sample: Sample) -> dict:
     return {**record, "meta": sample.meta} if sample.meta else record
 
 
-def score_rec(sample: Sample, prediction: str, image_size: tuple[int, int], style: PromptStyle) -> dict:
-    """IoU of the first box in `prediction` with the sample's box; an unparsed answer scores 0."""
+def score_rec(sample: Sample, prediction: str, image_size: tuple[int, int], style: PromptStyle,
+              input_size: tuple[int, int] | None = None) -> dict:
+    """IoU of the first box in `prediction` with the sample's box; an unparsed answer scores 0.
+
+    `input_size` is (width, height) of the image the model saw (`ImageFrame.input_size`); box format
+    `input_pixels` needs it, and its records keep it.
+    """
     parsed = parse_box(prediction)
-    frame = ImageFrame.for_image(style.answer_frame, *image_size)
+    seen = (int(input_size[0]), int(input_size[1])) if input_size is not None else None
+    frame = replace(ImageFrame.for_image(style.answer_frame, *image_size), input_size=seen)
     box = answer_to_pixels(parsed.values, style.box_format, frame) if parsed.parsed else None
     return {
-        **_base(sample), "target": list(sample.box), "image_size": list(image_size), "prediction": prediction,
+        **_base(sample), "target": list(sample.box), "image_size": list(image_size),
+        **({"input_size": list(seen) if seen else None} if style.box_format == "input_pixels" else {}),
+        "prediction": prediction,
         "parsed": parsed.parsed, "answer": list(parsed.values) if parsed.parsed else None,
         "box": list(box) if box else None, "iou": iou(sample.box, box) if box else 0.0,
         "center_hit": bool(box) and center_inside(sample.box, box),

@@ -40,8 +40,10 @@ class Encoding:
     prompts: list[str]
     pixel_values: torch.Tensor
     vision_inputs: dict[str, torch.Tensor] | None = None  # what else the vision tower read (image_grid_thw)
-    vision_hidden_states: tuple[torch.Tensor, ...] | None = None  # each (B, 1 + N, D_vision)
-    vision_attentions: dict[int, torch.Tensor] | None = None  # layer -> (B, H, 1 + N, 1 + N)
+    # Each (B, 1 + N, D_vision), or, for Qwen2-VL, a list of per-image (rows, cols, D_vision) patch grids
+    vision_hidden_states: tuple[torch.Tensor, ...] | None = None
+    # layer -> (B, H, 1 + N, 1 + N), or, for Qwen2-VL, a list of per-image (H, N_i, N_i) in raster order
+    vision_attentions: dict[int, torch.Tensor] | None = None
     messages: list[str] | None = None  # the user messages the chat template wrapped; None for raw prompts
 
     @property
@@ -137,13 +139,24 @@ def _shown_images(mllm: MLLM, images: Sequence[ImageInput], frame: FrameKind) ->
 
 
 @torch.no_grad()
+def encode_vision_inputs(
+    mllm: MLLM, images: ImageInput | Sequence[ImageInput], *, frame: FrameKind = "padded"
+) -> tuple[dict[str, torch.Tensor], list[ImageFrame]]:
+    """({"pixel_values"[, "image_grid_thw"]} on the model's device, frames): the batch `adapter.encode_images`
+    reads, without prompts. Native-resolution models (Qwen2-VL) need `image_grid_thw` to place the patches."""
+    shown, frames = _shown_images(mllm, _as_list(images), frame)
+    batch = mllm.processor.image_processor(images=shown, return_tensors="pt")
+    inputs = {"pixel_values": batch["pixel_values"].to(mllm.device, mllm.dtype)}
+    inputs |= {key: batch[key].to(mllm.device) for key in ("image_grid_thw",) if key in batch}
+    return inputs, frames
+
+
 def encode_pixels(
     mllm: MLLM, images: ImageInput | Sequence[ImageInput], *, frame: FrameKind = "padded"
 ) -> tuple[torch.Tensor, list[ImageFrame]]:
     """(pixel_values on the model's device and dtype, frames): what the vision tower reads, without prompts."""
-    shown, frames = _shown_images(mllm, _as_list(images), frame)
-    pixels = mllm.processor.image_processor(images=shown, return_tensors="pt")["pixel_values"]
-    return pixels.to(mllm.device, mllm.dtype), frames
+    inputs, frames = encode_vision_inputs(mllm, images, frame=frame)
+    return inputs["pixel_values"], frames
 
 
 def _original_position_ids(layouts: Sequence[VisualLayout], attention_mask: torch.Tensor) -> torch.Tensor:
@@ -230,7 +243,8 @@ def encode(
         visual_counts=counts,
         grids=list(vision.grids),
         layouts=layouts,
-        frames=list(frames),
+        frames=[dataclasses.replace(image_frame, input_size=adapter.input_size(grid))
+                for image_frame, grid in zip(frames, vision.grids)],
         prompts=prompts,
         pixel_values=pixel_values,
         vision_inputs=vision_inputs or None,

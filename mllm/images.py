@@ -45,7 +45,11 @@ def load_image(source: ImageInput) -> Image.Image:
 
 @dataclass(frozen=True)
 class ImageFrame:
-    """Maps normalised model coordinates (u, v in 0-1) to pixels: x = u * scale_x + offset_x."""
+    """Maps normalised model coordinates (u, v in 0-1) to pixels: x = u * scale_x + offset_x.
+
+    `input_size` is (width, height) of the image the model saw after its processor resized it (None
+    when unknown); pixels of that image are fractions of this frame (`input_pixels_to_pixels`).
+    """
 
     kind: FrameKind
     width: int
@@ -54,6 +58,7 @@ class ImageFrame:
     scale_y: float
     offset_x: float
     offset_y: float
+    input_size: tuple[int, int] | None = None
 
     @classmethod
     def for_image(cls, kind: FrameKind, width: int, height: int) -> ImageFrame:
@@ -73,6 +78,14 @@ class ImageFrame:
         x1, y1, x2, y2 = box
         return (x1 * self.scale_x + self.offset_x, y1 * self.scale_y + self.offset_y,
                 x2 * self.scale_x + self.offset_x, y2 * self.scale_y + self.offset_y)
+
+    def input_pixels_to_pixels(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """Pixel [x1, y1, x2, y2] in the model's resized input (`input_size`) -> pixels in the original image."""
+        if self.input_size is None:
+            raise ValueError("this frame has no input_size: the size of the image the model saw is unknown")
+        width, height = self.input_size
+        x1, y1, x2, y2 = box
+        return self.to_pixels((x1 / width, y1 / height, x2 / width, y2 / height))
 
     def to_normalized(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """Pixel [x1, y1, x2, y2] in the original image -> normalised [x1, y1, x2, y2] in this frame."""

@@ -4,6 +4,10 @@ Memory holds one batch of images across the requested layers while extracting, a
 all images while a probe reads it: never all layers of all images. A store is a directory of
 `.npy` files, one per feature set, each (images, patches, D), plus `store.json`. Extraction
 writes as it goes and resumes where a killed run stopped.
+
+Patches are the vision tower's, before any merger, in raster order over one (rows, cols) grid shared by
+every image of the store: LLaVA's fixed grid, or, for a native-resolution model (Qwen2-VL, Qwen2.5-VL),
+the unmerged patch grid of the first image, which every other image must share (give images of one size).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import torch
 from tqdm import tqdm
 
 from mllm import MLLM
+from mllm.encoding import encode_vision_inputs
 from probes.bridge import VisionHooks
 
-# Controls computed before any block: the patch embedding alone, and with the position embedding added.
+# Controls computed before any block: the patch embedding alone, and with the position embedding added. A tower
+# without a position embedding (Qwen2-VL's 2-D RoPE acts inside attention) has the first control only.
 PATCH = "patch"
 PATCH_POS = "patch+pos"
 EMBEDDINGS = (PATCH, PATCH_POS)
@@ -64,11 +70,27 @@ class StoreMismatchError(ValueError):
 
 
 class HookMismatchError(RuntimeError):
-    """TransformerLens' hooks disagree with transformers' `output_hidden_states`."""
+    """The hooks (TransformerLens' or transformers') disagree with transformers' `output_hidden_states`."""
+
+
+class GridMismatchError(ValueError):
+    """An image's patch grid differs from the store's (native-resolution models size each image on its own)."""
+
+
+def embedding_controls(mllm: MLLM) -> list[str]:
+    """The embedding controls the tower has: both, or the patch embedding alone where no position embedding exists."""
+    return list(EMBEDDINGS) if mllm.adapter.has_position_embedding else [PATCH]
+
+
+def patch_grids(mllm: MLLM, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """Each image's (rows, cols) of vision-tower patches, before any merger."""
+    if "image_grid_thw" in batch:
+        return [(int(rows), int(cols)) for _, rows, cols in batch["image_grid_thw"].tolist()]
+    return [tuple(mllm.grid)] * len(batch["pixel_values"])
 
 
 # How far the hooked states may sit from output_hidden_states, relative to the layer's largest value:
-# the bridge runs eager attention where the model may run SDPA, which reorders float operations.
+# TransformerLens' bridge runs eager attention where the model may run SDPA, which reorders float operations.
 HOOK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
 HOOK_TOLERANCE_LOW_PRECISION = 5e-2
 
@@ -120,7 +142,7 @@ def extract_activations(
     dtype: str = "float16",
     progress: bool = True,
 ) -> ActivationStore:
-    """Write the patch tokens of `layers` (default: all) and the two embedding controls for `images`."""
+    """Write the patch tokens of `layers` (default: all) and the embedding controls for `images`."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"store dtype {dtype!r}: choose one of {sorted(STORE_DTYPES)}")
     directory = Path(directory)
@@ -129,7 +151,8 @@ def extract_activations(
     layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
     for layer in layers:
         hooks.hook_name(layer)  # range check before any work
-    spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=list(EMBEDDINGS), grid=list(mllm.grid),
+    grid = mllm.fixed_grid or patch_grids(mllm, encode_vision_inputs(mllm, images.load(0), frame=frame)[0])[0]
+    spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=embedding_controls(mllm), grid=list(grid),
                      frame=frame, dtype=dtype, image_ids=list(images.ids))
     done, hook_check = 0, {}
     if (directory / "store.json").is_file():
@@ -144,26 +167,28 @@ def extract_activations(
         hook_check = check_hooks(mllm, hooks, [images.load(index) for index in range(min(batch_size, len(images)))],
                                  frame=frame)
 
-    names = [*EMBEDDINGS, *layers]
-    patches = mllm.num_visual_tokens
+    names = [*spec.embeddings, *layers]
     arrays: dict[str | int, np.ndarray] = {}
-    width = int(getattr(mllm.model.config, "vision_config", mllm.model.config).hidden_size)
-    for name in names:
-        path = directory / feature_file(name)
-        if done:
-            arrays[name] = np.load(path, mmap_mode="r+")
-        else:
-            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=STORE_DTYPES[dtype],
-                                                     shape=(len(images), patches, width))
+    if done:
+        arrays = {name: np.load(directory / feature_file(name), mmap_mode="r+") for name in names}
     _write_meta(directory, spec, done, hook_check)
 
     limit = float(np.finfo(STORE_DTYPES[dtype]).max)
     bar = tqdm(total=len(images), initial=done, desc="vision activations", disable=not progress)
     for start in range(done, len(images), batch_size):
         stop = min(start + batch_size, len(images))
-        pixels, _ = mllm.encode_pixels([images.load(index) for index in range(start, stop)], frame=frame)
-        batch = _patch_features(mllm, hooks, pixels, layers)
+        inputs, _ = encode_vision_inputs(mllm, [images.load(index) for index in range(start, stop)], frame=frame)
+        for offset, image_grid in enumerate(patch_grids(mllm, inputs)):
+            if image_grid != tuple(grid):
+                raise GridMismatchError(f"image {images.ids[start + offset]!r}: its patch grid is {image_grid}, the "
+                                        f"store's {tuple(grid)} (the first image's); a store holds one grid, so give "
+                                        "images of one size")
+        batch = _patch_features(mllm, hooks, inputs, layers, spec.embeddings)
         for name, tensor in batch.items():
+            if name not in arrays:  # the first batch sizes the files: (images, patches, the tower's width)
+                arrays[name] = np.lib.format.open_memmap(directory / feature_file(name), mode="w+",
+                                                         dtype=STORE_DTYPES[dtype],
+                                                         shape=(len(images), *tensor.shape[1:]))
             values = tensor.float().cpu().numpy()
             if np.abs(values).max() > limit:
                 raise OverflowError(f"{directory / feature_file(name)}: activations exceed {dtype}'s range; "
@@ -179,23 +204,26 @@ def extract_activations(
 
 def check_hooks(mllm: MLLM, hooks: VisionHooks, images: Sequence[object], frame: str = "padded") -> dict:
     """Compare the hooked hidden states of `images` with transformers' `output_hidden_states`; raise on a mismatch."""
-    pixels, _ = mllm.encode_pixels(list(images), frame=frame)
-    difference = hooks.max_difference_from_transformers(pixels)
+    inputs, _ = encode_vision_inputs(mllm, list(images), frame=frame)
+    difference = hooks.max_difference_from_transformers(inputs)
     tolerance = HOOK_TOLERANCE.get(mllm.dtype, HOOK_TOLERANCE_LOW_PRECISION)
     if not difference <= tolerance:
-        raise HookMismatchError(f"{mllm.path}: TransformerLens' vision hooks differ from output_hidden_states by "
-                                f"{difference:.3g} of the largest activation (tolerance {tolerance:g})")
-    return {"max_relative_difference": difference, "tolerance": tolerance, "images": len(images)}
+        raise HookMismatchError(f"{mllm.path}: the vision hooks ({hooks.backend}) differ from output_hidden_states "
+                                f"by {difference:.3g} of the largest activation (tolerance {tolerance:g})")
+    return {"max_relative_difference": difference, "tolerance": tolerance, "images": len(images),
+            "backend": hooks.backend}
 
 
 @torch.no_grad()
-def _patch_features(mllm: MLLM, hooks: VisionHooks, pixels: torch.Tensor,
-                    layers: Sequence[int]) -> dict[str | int, torch.Tensor]:
+def _patch_features(mllm: MLLM, hooks: VisionHooks, inputs: dict[str, torch.Tensor], layers: Sequence[int],
+                    embeddings: Sequence[str]) -> dict[str | int, torch.Tensor]:
+    """(B, patches, D) per feature set: the embedding controls and the hooked layers' patch tokens, raster order."""
     adapter = mllm.adapter
+    pixels = inputs["pixel_values"]
+    grid = {"grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}
     features: dict[str | int, torch.Tensor] = {
-        PATCH: adapter.vision_patch_embeddings(pixels, with_position=False),
-        PATCH_POS: adapter.vision_patch_embeddings(pixels, with_position=True),
+        name: adapter.vision_patch_embeddings(pixels, with_position=name == PATCH_POS, **grid) for name in embeddings
     }
-    for layer, hidden in hooks.run(pixels, layers).items():
+    for layer, hidden in hooks.run(inputs, layers).items():
         features[layer] = adapter.vision_patch_tokens(hidden)
     return features

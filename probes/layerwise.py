@@ -3,6 +3,8 @@
     python -m probes.layerwise --model /ckpt/llava-1.5-7b-hf --images my_images/ --out results/probe-7b
     python -m probes.layerwise --model data/minillava/spatial --dataset jsonl --data data/minillava/eval/rec \\
         --out results/probes/spatial --target index --layers all
+    python -m probes.layerwise --model /ckpt/Qwen2.5-VL-7B-Instruct --images images_of_one_size/ \\
+        --out results/probes/qwen2.5-vl-7b
 
 Writes under --out: `activations/` (the streamed patch tokens, resumable), `records.jsonl` (one line
 per feature set and layer, written as each is fitted; a rerun skips what is there), `layerwise.csv`
@@ -14,6 +16,12 @@ Series: `probe` (hidden state k), `shuffled labels` (the same probe trained on l
 across training patches), `patch embedding` and `patch + position embedding` (before any block),
 and `chance` (a uniform guess). Train and test images are disjoint: the split is by image, never by
 patch. CIs are 95% bootstrap intervals over test images.
+
+Native-resolution towers (Qwen2-VL, Qwen2.5-VL): patches are the ViT's, before the 2x2 merger, and
+targets are raster positions on the unmerged patch grid. Every image must get the same grid (give images
+of one size; `--min-pixels` / `--max-pixels` bound the resize). The tower has no position embedding (2-D
+RoPE acts inside attention), so `patch + position embedding` is absent and `patch embedding` is
+hidden state 0.
 """
 
 from __future__ import annotations
@@ -32,11 +40,11 @@ from grounding.records import append_records, repair_torn_tail, write_atomic
 from grounding.records import read_records as read_jsonl_records
 from grounding.runner import check_or_write_config
 from grounding.summary import package_versions
-from probes.activations import EMBEDDINGS, PATCH, ActivationStore, ImageList
+from probes.activations import PATCH, PATCH_POS, ActivationStore, ImageList
 from probes.estimator import SOLVERS, fit_layers, patch_scores
 from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
 
-SERIES = {PATCH: "patch embedding", "patch+pos": "patch + position embedding"}
+SERIES = {PATCH: "patch embedding", PATCH_POS: "patch + position embedding"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 RECORDS = "records.jsonl"
 
@@ -120,7 +128,7 @@ def run_layerwise(store: ActivationStore, out: Path, *, target: str = "index", s
     train_index, test_index = patch_labels(len(train), grid), patch_labels(len(test), grid)
     done = {(record["series"], record["layer"]) for record in read_records(out)}
 
-    jobs = [(SERIES[name], None, name) for name in EMBEDDINGS]
+    jobs = [(SERIES[name], None, name) for name in store.spec.embeddings]
     jobs += [("probe", layer, layer) for layer in store.spec.layers]
     if shuffled:
         jobs += [("shuffled labels", layer, layer) for layer in store.spec.layers]
@@ -169,7 +177,7 @@ def read_records(out: Path) -> list[dict]:
 def table_rows(records: Sequence[dict], target: str, grid: tuple[int, int], n_test: int) -> list[dict]:
     """Tidy rows (series, layer, metric, value, ci_low, ci_high, n_test_images), chance included."""
     rows = []
-    order = {"probe": 0, "shuffled labels": 1, SERIES[PATCH]: 2, SERIES["patch+pos"]: 3}
+    order = {"probe": 0, "shuffled labels": 1, SERIES[PATCH]: 2, SERIES[PATCH_POS]: 3}
     for record in sorted(records, key=lambda r: (order[r["series"]], -1 if r["layer"] is None else r["layer"])):
         for metric in METRICS:
             if metric in record["metrics"]:
@@ -221,6 +229,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store-dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--dtype", default="auto", help="model dtype")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--min-pixels", type=int, help="native-resolution models (Qwen2-VL): resize each image to at "
+                        "least this many pixels (default: the checkpoint's processor's)")
+    parser.add_argument("--max-pixels", type=int, help="native-resolution models: at most this many pixels")
     parser.add_argument("--memory-gb", type=float, default=4.0, help="budget for one batched solve")
     parser.add_argument("--layers-per-solve", type=int,
                         help="layers fitted in one batched torch solve (default: as many as fit on a GPU, 1 on a CPU)")
@@ -245,7 +256,7 @@ def parse_layers(text: str, num_layers: int) -> list[int] | None:
 def run_config(args: argparse.Namespace) -> dict:
     """What decides the results; a run directory holding another one is refused."""
     keys = ("model", "images", "dataset", "data", "split", "limit", "layers", "target", "solver", "C", "max_iter",
-            "test_fraction", "seed", "no_shuffled", "frame", "store_dtype", "dtype")
+            "test_fraction", "seed", "no_shuffled", "frame", "store_dtype", "dtype", "min_pixels", "max_pixels")
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
 
 
@@ -261,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = run_config(args)
     check_or_write_config(out, config, resumable=())  # every probe setting changes the results
 
-    model = mllm.load(args.model, dtype=args.dtype, device=args.device)
+    model = mllm.load(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
+                      max_pixels=args.max_pixels)
     if args.images:
         images = images_from_directory(args.images, args.limit)
     else:
