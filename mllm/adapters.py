@@ -93,18 +93,18 @@ class ModelAdapter:
                              "resizes every image to one fixed square")
         return AutoProcessor.from_pretrained(directory, local_files_only=True)
 
-    # --- parts of the model -------------------------------------------------------------------
+    # --- parts of the model (defaults: the layout transformers 5 gives its VLMs) ---------------
     @property
     def language_model(self) -> nn.Module:
-        raise NotImplementedError
+        return self.model.model.language_model
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.language_model.layers
 
     @property
     def lm_head(self) -> nn.Module:
-        raise NotImplementedError
+        return self.model.lm_head
 
     @property
     def vision_tower(self) -> nn.Module:
@@ -116,7 +116,7 @@ class ModelAdapter:
 
     @property
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        return int(self.model.config.image_token_id)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -256,18 +256,6 @@ class LlavaAdapter(ModelAdapter):
             raise UnsupportedModelError(f"{source}: field 'vision_feature_layer' must be a single layer index")
 
     @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.vision_tower
 
@@ -276,10 +264,6 @@ class LlavaAdapter(ModelAdapter):
         tower = self.vision_tower
         # Some transformers versions nest the encoder under `vision_model`; 5.23 flattens it.
         return getattr(tower, "vision_model", tower).encoder.layers
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -402,28 +386,12 @@ class Qwen2VLAdapter(ModelAdapter):
         return processor
 
     @property
-    def language_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    @property
     def vision_tower(self) -> nn.Module:
         return self.model.model.visual
 
     @property
     def vision_layers(self) -> nn.ModuleList:
         return self.vision_tower.blocks
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def grid(self) -> tuple[int, int]:

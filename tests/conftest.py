@@ -12,6 +12,7 @@ from PIL import Image
 
 import mllm
 from mllm.tiny import TinyLlavaConfig, build_tiny_llava
+from mllm.tiny_qwen import build_tiny_qwen
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,17 @@ def tiny_model(tiny_checkpoint) -> mllm.MLLM:
 @pytest.fixture(scope="session")
 def tiny_model_eager(tiny_checkpoint) -> mllm.MLLM:
     return mllm.load(tiny_checkpoint, device="cpu", dtype="float32", attn_implementation="eager")
+
+
+@pytest.fixture(scope="session", params=("qwen2_vl", "qwen2_5_vl"))
+def qwen_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen2-VL, then Qwen2.5-VL checkpoint on disk (tests that take it run for both)."""
+    return build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="session")
+def qwen(qwen_checkpoint) -> mllm.MLLM:
+    return mllm.load(qwen_checkpoint, device="cpu", dtype="float32")
 
 
 def random_image(seed: int, height: int = 32, width: int = 32) -> Image.Image:

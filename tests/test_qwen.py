@@ -14,20 +14,8 @@ import torch
 from conftest import random_image
 
 import mllm
-from mllm.tiny_qwen import build_tiny_qwen
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 PROMPTS = ["hi", "where is the red circle?", "a", "what colour is the square left of the cross?"]
-
-
-@pytest.fixture(scope="module", params=MODEL_TYPES)
-def qwen_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    return build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
-
-
-@pytest.fixture(scope="module")
-def qwen(qwen_checkpoint) -> mllm.MLLM:
-    return mllm.load(qwen_checkpoint, device="cpu", dtype="float32")
 
 
 def sized_images() -> list:

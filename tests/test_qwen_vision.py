@@ -25,25 +25,13 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 import mllm
 from mllm.encoding import encode_vision_inputs
 from mllm.tiny import CLIP_MEAN, CLIP_STD
-from mllm.tiny_qwen import build_tiny_qwen
 from probes.activations import PATCH, GridMismatchError, extract_activations
 from probes.bridge import VisionHooks
 from probes.layerwise import images_from_directory, main
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 # Sizes the tiny processor keeps as they are (multiples of 16 pixels within its pixel bounds), so the test knows
 # each patch's pixels; of different sizes, so the batch is ragged: (rows, cols) patch grids (6, 8), (10, 10), (8, 4).
 SIZES = [(48, 64), (80, 80), (64, 32)]
-
-
-@pytest.fixture(scope="module", params=MODEL_TYPES)
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    return build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param)
-
-
-@pytest.fixture(scope="module")
-def qwen(checkpoint) -> mllm.MLLM:
-    return mllm.load(checkpoint, device="cpu", dtype="float32")
 
 
 def images() -> list:
@@ -129,11 +117,11 @@ def tower_raster_places(model: mllm.MLLM, grid_thw: torch.Tensor) -> list[torch.
 
 
 @torch.no_grad()
-def test_attention_equals_the_weights_of_transformers_eager_attention(qwen, checkpoint, monkeypatch):
+def test_attention_equals_the_weights_of_transformers_eager_attention(qwen, qwen_checkpoint, monkeypatch):
     """Recomputed on the SDPA model; the oracle is the same checkpoint run with attn_implementation='eager'."""
     import importlib
 
-    eager = mllm.load(checkpoint, device="cpu", dtype="float32", attn_implementation="eager")
+    eager = mllm.load(qwen_checkpoint, device="cpu", dtype="float32", attn_implementation="eager")
     module = importlib.import_module(type(eager.adapter.vision_tower).__module__)
     recorded: list[tuple[torch.nn.Module, torch.Tensor]] = []
     kernel = module.eager_attention_forward
@@ -239,14 +227,14 @@ def test_hooks_equal_output_hidden_states_and_leave_the_model_untouched(qwen, mo
         assert torch.equal(parameter, parameters[name]), name
 
 
-def test_layerwise_cli_runs_on_qwen(checkpoint, tmp_path):
+def test_layerwise_cli_runs_on_qwen(qwen_checkpoint, tmp_path):
     """Images of one size: the store holds one patch grid (8x8 patches of 64x64 images)."""
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(10):
         random_image(i, 64, 64).save(folder / f"{i:02d}.png")
     out = tmp_path / "run"
-    assert main(["--model", str(checkpoint), "--images", str(folder), "--out", str(out), "--layers", "0,-1",
+    assert main(["--model", str(qwen_checkpoint), "--images", str(folder), "--out", str(out), "--layers", "0,-1",
                  "--bootstrap", "20", "--max-iter", "50", "--no-progress", "--device", "cpu",
                  "--dtype", "float32"]) == 0
     metadata = json.loads((out / "layerwise.json").read_text())
