@@ -2,11 +2,11 @@
 
 The Qwen counterpart of `mllm.tiny.build_tiny_llava`: the directory holds what a downloaded
 `Qwen/Qwen2-VL-2B-Instruct` holds (config, safetensors weights, tokenizer, image processor, chat template) and is
-read back by `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`, by `AutoProcessor` where
-torchvision is installed, and by `load_qwen_processor` where it is not (as here). Unlike LLaVA-1.5 the image
-is not squashed to a fixed square: it keeps roughly its own size and aspect ratio, so the number of visual
-tokens varies per image (`image_grid_thw`), and the LLM places them with 3-D multimodal RoPE (M-RoPE). The tokenizer is
-character-level, so any ASCII text round-trips.
+read back by `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration`, by `AutoProcessor`
+where torchvision is installed, and by `mllm.processors.load_qwen_processor` (what `mllm.load` uses)
+everywhere. Unlike LLaVA-1.5 the image is not squashed to a fixed square: it keeps roughly its own size and
+aspect ratio, so the number of visual tokens varies per image (`image_grid_thw`), and the LLM places them with
+3-D multimodal RoPE (M-RoPE). The tokenizer is character-level, so any ASCII text round-trips.
 """
 
 from __future__ import annotations
@@ -206,8 +206,8 @@ def build_tiny_qwen(directory: str | Path, model_type: str, sizes: TinyQwenConfi
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     # Written part by part, as on the Hub (the processor itself cannot be built without torchvision, see
-    # ImageOnlyQwenProcessor): preprocessor_config.json names the processor class, so with torchvision
-    # AutoProcessor builds the real one; the template goes to chat_template.jinja.
+    # mllm.processors.ImageOnlyQwenProcessor): preprocessor_config.json names the processor class, so with
+    # torchvision AutoProcessor builds the real one; the template goes to chat_template.jinja.
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
     image_processor = build_qwen_image_processor(sizes)
