@@ -15,12 +15,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-import mllm
 from grounding.boxes import BOX_FORMATS
 from grounding.data import DATASETS, load_dataset
 from grounding.prompts import default_style_for, prompt_style
 from grounding.runner import Shard, run_config, run_evaluation
-from grounding.tasks import add_run_arguments, reported_errors
+from grounding.tasks import add_run_arguments, load_model, reported_errors
 from mllm.images import FRAME_KINDS
 
 
@@ -56,8 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with reported_errors(args.out) as outcome:
         shard = Shard.parse(args.shard)
         dataset = load_dataset(args.dataset, args.data, args.split, images=args.images, split_by=args.split_by)
-        model = mllm.load(args.model, dtype=args.dtype, device=_device(args.device), min_pixels=args.min_pixels,
-                           max_pixels=args.max_pixels)
+        model = load_model(args, _device(args.device))
         style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(
             model.model.config.model_type)
         style = style.with_options(box_format=args.box_format, image_frame=args.image_frame,

@@ -33,16 +33,27 @@ def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", help="image folder, when not where the dataset's layout expects it")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """How the model runs and how the run reports: the same flags in every evaluation CLI."""
-    parser.add_argument("--limit", type=int, help="evaluate only the first N samples (of each task)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """How `--model` is loaded (`load_model`): the same flags in every CLI that loads one."""
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--min-pixels", type=int, help="native-resolution models (Qwen2-VL): resize each image to at "
                         "least this many pixels (default: the checkpoint's processor's)")
     parser.add_argument("--max-pixels", type=int, help="native-resolution models: at most this many pixels")
+
+
+def load_model(args: argparse.Namespace, device: str | None = None) -> mllm.MLLM:
+    """The checkpoint `--model` names, loaded as `add_model_arguments`' flags say (`device` overrides `--device`)."""
+    return mllm.load(args.model, dtype=args.dtype, device=device or args.device, min_pixels=args.min_pixels,
+                     max_pixels=args.max_pixels)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the model runs and how the run reports: the same flags in every evaluation CLI."""
+    parser.add_argument("--limit", type=int, help="evaluate only the first N samples (of each task)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
+    add_model_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--no-progress", action="store_true")
 

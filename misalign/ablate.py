@@ -33,6 +33,7 @@ from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    load_model,
     reported_errors,
     task_datasets,
 )
@@ -143,8 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         misalignment = parse_corruption(args.kind)
         strengths = parse_strengths(args.strength)
         datasets = task_datasets(args)
-        model = mllm.load(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
-                           max_pixels=args.max_pixels)
+        model = load_model(args)
         style = prompt_style(args.prompt_style) if args.prompt_style else None  # None: the checkpoint's own
         table = run_ablation(model, datasets, misalignment, strengths, args.out, style=style, seed=args.seed,
                              batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,

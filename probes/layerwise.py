@@ -40,6 +40,7 @@ from grounding.records import append_records, repair_torn_tail, write_atomic
 from grounding.records import read_records as read_jsonl_records
 from grounding.runner import check_or_write_config
 from grounding.summary import package_versions
+from grounding.tasks import add_model_arguments, load_model
 from probes.activations import PATCH, PATCH_POS, ActivationStore, ImageList
 from probes.estimator import SOLVERS, fit_layers, patch_scores
 from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
@@ -227,11 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frame", default="padded", choices=("padded", "original", "cropped"))
     parser.add_argument("--batch-size", type=int, default=16, help="images per vision-tower forward pass")
     parser.add_argument("--store-dtype", default="float16", choices=("float16", "float32"))
-    parser.add_argument("--dtype", default="auto", help="model dtype")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--min-pixels", type=int, help="native-resolution models (Qwen2-VL): resize each image to at "
-                        "least this many pixels (default: the checkpoint's processor's)")
-    parser.add_argument("--max-pixels", type=int, help="native-resolution models: at most this many pixels")
+    add_model_arguments(parser)
     parser.add_argument("--memory-gb", type=float, default=4.0, help="budget for one batched solve")
     parser.add_argument("--layers-per-solve", type=int,
                         help="layers fitted in one batched torch solve (default: as many as fit on a GPU, 1 on a CPU)")
@@ -262,7 +259,6 @@ def run_config(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    import mllm
     from mllm.loading import resolve_device
     from probes.activations import extract_activations
     from probes.figures import plot_layerwise
@@ -272,8 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = run_config(args)
     check_or_write_config(out, config, resumable=())  # every probe setting changes the results
 
-    model = mllm.load(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
-                      max_pixels=args.max_pixels)
+    model = load_model(args)
     if args.images:
         images = images_from_directory(args.images, args.limit)
     else:

@@ -37,6 +37,7 @@ from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    load_model,
     reported_errors,
     task_datasets,
 )
@@ -201,8 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets = parse_budget_list(args.ratios, args.keep)
         positions = [policy for policy in args.positions.split(",") if policy]
         datasets = task_datasets(args)
-        model = mllm.load(args.model, dtype=args.dtype, device=args.device, min_pixels=args.min_pixels,
-                           max_pixels=args.max_pixels)
+        model = load_model(args)
         style = prompt_style(args.prompt_style) if args.prompt_style else None
         table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
                             batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,
