@@ -138,6 +138,13 @@ def _shown_images(mllm: MLLM, images: Sequence[ImageInput], frame: FrameKind) ->
     return mllm.adapter.prepare_images(mllm.processor, [load_image(image) for image in images], frame)
 
 
+def _vision_inputs(mllm: MLLM, batch: dict) -> dict[str, torch.Tensor]:
+    """What the vision tower reads from a processor batch: pixel_values (and where the processor gives it, the
+    image_grid_thw that places a native-resolution model's patches), on the model's device."""
+    inputs = {"pixel_values": batch["pixel_values"].to(mllm.device, mllm.dtype)}
+    return inputs | {key: batch[key].to(mllm.device) for key in ("image_grid_thw",) if key in batch}
+
+
 @torch.no_grad()
 def encode_vision_inputs(
     mllm: MLLM, images: ImageInput | Sequence[ImageInput], *, frame: FrameKind = "padded"
@@ -145,10 +152,7 @@ def encode_vision_inputs(
     """({"pixel_values"[, "image_grid_thw"]} on the model's device, frames): the batch `adapter.encode_images`
     reads, without prompts. Native-resolution models (Qwen2-VL) need `image_grid_thw` to place the patches."""
     shown, frames = _shown_images(mllm, _as_list(images), frame)
-    batch = mllm.processor.image_processor(images=shown, return_tensors="pt")
-    inputs = {"pixel_values": batch["pixel_values"].to(mllm.device, mllm.dtype)}
-    inputs |= {key: batch[key].to(mllm.device) for key in ("image_grid_thw",) if key in batch}
-    return inputs, frames
+    return _vision_inputs(mllm, mllm.processor.image_processor(images=shown, return_tensors="pt")), frames
 
 
 def encode_pixels(
@@ -204,11 +208,10 @@ def encode(
     device = mllm.device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
-    pixel_values = batch["pixel_values"].to(device, mllm.dtype)
-    vision_inputs = {key: batch[key].to(device) for key in ("image_grid_thw",) if key in batch}
+    tower_inputs = _vision_inputs(mllm, batch)
     adapter = mllm.adapter
     want_hidden = vision_hidden_states or bool(vision_attentions)
-    vision = adapter.encode_images({"pixel_values": pixel_values, **vision_inputs}, output_hidden_states=want_hidden)
+    vision = adapter.encode_images(tower_inputs, output_hidden_states=want_hidden)
 
     is_visual = input_ids == adapter.image_token_id
     counts = is_visual.sum(dim=1).tolist()
@@ -246,8 +249,8 @@ def encode(
         frames=[dataclasses.replace(image_frame, input_size=adapter.input_size(grid))
                 for image_frame, grid in zip(frames, vision.grids)],
         prompts=prompts,
-        pixel_values=pixel_values,
-        vision_inputs=vision_inputs or None,
+        pixel_values=tower_inputs["pixel_values"],
+        vision_inputs={key: value for key, value in tower_inputs.items() if key != "pixel_values"} or None,
         vision_hidden_states=vision.hidden_states if vision_hidden_states else None,
         vision_attentions=attentions,
         messages=None if raw_prompts else list(texts),

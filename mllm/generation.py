@@ -161,7 +161,8 @@ def build_prompt_batch(
     return PromptBatch(batch_embeds, mask, batch_ids, kept_rows, visual_index)
 
 
-def _eos_ids(mllm: MLLM) -> set[int]:
+def eos_ids(mllm: MLLM) -> set[int]:
+    """The token IDs that end a generation: the generation config's EOS (several for Qwen), else the tokenizer's."""
     eos = mllm.model.generation_config.eos_token_id
     if eos is None:
         eos = mllm.tokenizer.eos_token_id
@@ -206,7 +207,7 @@ def generate(
     adapter = mllm.adapter
     batch = prompt.inputs_embeds.shape[0]
     device = prompt.inputs_embeds.device
-    eos_ids = _eos_ids(mllm)
+    eos = eos_ids(mllm)
     pad_id = mllm.tokenizer.pad_token_id or 0
 
     hooks = nullcontext()
@@ -240,7 +241,7 @@ def generate(
             token = logits.float().argmax(dim=-1).masked_fill(finished, pad_id)
             generated = torch.cat([generated, token[:, None]], dim=1)
             for row in (~finished).nonzero().flatten().tolist():
-                done = int(token[row]) in eos_ids
+                done = int(token[row]) in eos
                 if stop and not done:  # decode only when there are stop strings to look for
                     text = mllm.tokenizer.decode(generated[row, : step + 1], skip_special_tokens=True)
                     done = _cut_at_stop(text, stop)[1]

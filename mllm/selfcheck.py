@@ -23,6 +23,7 @@ import torch
 import transformers
 
 import mllm
+from mllm.generation import eos_ids
 from mllm.images import load_image
 from mllm.tiny import build_tiny_llava
 
@@ -51,8 +52,7 @@ def transformers_generate_tokens(
     batch = model.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
     out = model.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    eos = model.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else model.tokenizer.eos_token_id])
+    eos = eos_ids(model)
     rows = out[:, batch["input_ids"].shape[1]:].tolist()
     cuts = [[step for step, token in enumerate(row) if token in eos] for row in rows]
     return [row[: ends[0] + 1] if ends else row for row, ends in zip(rows, cuts)]

@@ -12,7 +12,7 @@ from transformers import LlavaForConditionalGeneration, PretrainedConfig
 
 from mllm.adapters.base import ModelAdapter, VisionOutput, register_adapter
 from mllm.errors import UnsupportedModelError
-from mllm.images import FRAME_KINDS, FrameKind, ImageFrame, to_model_square
+from mllm.images import FrameKind, ImageFrame, to_model_square
 from mllm.positions import VisualLayout
 
 
@@ -56,8 +56,6 @@ class LlavaAdapter(ModelAdapter):
     def prepare_images(
         self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
     ) -> tuple[list[Image.Image], list[ImageFrame]]:
-        if frame not in FRAME_KINDS:
-            raise ValueError(f"unknown coordinate frame {frame!r}; choose one of {FRAME_KINDS}")
         image_processor = processor.image_processor
         side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
         background = tuple(int(255 * channel) for channel in image_processor.image_mean)
