@@ -75,9 +75,6 @@ def answer_to_pixels(values: Box, box_format: BoxFormat, frame: ImageFrame) -> B
     if box_format == "normalized1000":
         return frame.to_pixels(tuple(v / 1000 for v in values))
     if box_format == "input_pixels":
-        if frame.input_size is None:
-            raise ValueError("box format 'input_pixels' needs the size of the image the model saw "
-                             "(ImageFrame.input_size), and this frame has none")
         return frame.input_pixels_to_pixels(values)
     raise ValueError(f"unknown box format {box_format!r}; choose one of {BOX_FORMATS}")
 

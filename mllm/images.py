@@ -82,7 +82,8 @@ class ImageFrame:
     def input_pixels_to_pixels(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """Pixel [x1, y1, x2, y2] in the model's resized input (`input_size`) -> pixels in the original image."""
         if self.input_size is None:
-            raise ValueError("this frame has no input_size: the size of the image the model saw is unknown")
+            raise ValueError("pixels of the model's input (box format 'input_pixels') need the size of the image "
+                             "the model saw, and this frame has no input_size")
         width, height = self.input_size
         x1, y1, x2, y2 = box
         return self.to_pixels((x1 / width, y1 / height, x2 / width, y2 / height))
