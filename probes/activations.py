@@ -8,19 +8,27 @@ writes as it goes and resumes where a killed run stopped.
 Patches are the vision tower's, before any merger, in raster order over one (rows, cols) grid shared by
 every image of the store: LLaVA's fixed grid, or, for a native-resolution model (Qwen2-VL, Qwen2.5-VL),
 the unmerged patch grid of the first image, which every other image must share (give images of one size).
+
+Sharded extraction (`extract_shard`, one process per shard): `shards.json` records the layout, and
+shard r of n is a store of its own in `shard{r}of{n}/` holding the r-th of n runs of whole batches
+(`shard_blocks`), so that every batch is one a single process would run. `ShardedStore` reads the
+shards, in order, as one store. A directory holds one layout: a single-process store (`store.json` at
+the top) or shards of one world size; extraction with another is refused, naming the directory.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from grounding.records import write_atomic
 from mllm import MLLM
 from mllm.encoding import encode_vision_inputs
 from probes.bridge import VisionHooks
@@ -31,6 +39,7 @@ PATCH = "patch"
 PATCH_POS = "patch+pos"
 EMBEDDINGS = (PATCH, PATCH_POS)
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+SHARDS = "shards.json"
 
 
 def feature_file(name: str | int) -> str:
@@ -50,6 +59,10 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def block(self, start: int, stop: int) -> ImageList:
+        """Images [start, stop), indexed from 0."""
+        return ImageList(ids=self.ids[start:stop], load=lambda index: self.load(start + index))
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,142 @@ def extract_activations(
         bar.update(stop - start)
     bar.close()
     return ActivationStore(directory)
+
+
+# -------------------------------------------------------------------------------------- shards
+def shard_directory(directory: str | Path, rank: int, world: int) -> Path:
+    """Where shard `rank` of `world` keeps its store: the directory itself for a single process."""
+    return Path(directory) if world == 1 else Path(directory) / f"shard{rank}of{world}"
+
+
+def shard_blocks(num_images: int, world: int, batch_size: int) -> list[tuple[int, int]]:
+    """Per rank, its images [start, stop): the rank-th of `world` contiguous runs of whole batches.
+
+    Cutting only between batches gives every shard the very batches a single process would run, so the
+    features, not merely their order, are the single process's. With fewer batches than ranks some are empty.
+    """
+    batches = -(-num_images // batch_size)
+    edges = [min(num_images, batch_size * (batches * rank // world)) for rank in range(world + 1)]
+    return list(pairwise(edges))
+
+
+def shard_layout(directory: str | Path, num_images: int, world: int, batch_size: int) -> list[tuple[int, int]]:
+    """The blocks of `shard_blocks`, as recorded in `directory/shards.json` by the first shard to start.
+
+    The recorded blocks win over `batch_size`, so a rank resumed with a smaller batch keeps its images. A
+    directory holding another layout (one process's store, or shards of another world size) is refused.
+    """
+    directory = Path(directory)
+    path = directory / SHARDS
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+    if world == 1:
+        if recorded is not None:
+            raise StoreMismatchError(
+                f"{directory}: holds activations extracted in {recorded['world']} shards; rerun as "
+                f"{recorded['world']} processes (torchrun --nproc_per_node {recorded['world']}, or --shard "
+                f"r/{recorded['world']} for each r), or use a new --out")
+        return [(0, num_images)]
+    if (directory / "store.json").is_file():
+        raise StoreMismatchError(f"{directory}: holds activations extracted by a single process; rerun without "
+                                 "--shard and outside torchrun / accelerate, or use a new --out")
+    if recorded is not None:
+        if recorded["world"] != world:
+            raise StoreMismatchError(
+                f"{directory}: holds activations extracted in {recorded['world']} shards, not {world}; rerun as "
+                f"{recorded['world']} processes (or --shard r/{recorded['world']}), or use a new --out")
+        if recorded["images"] != num_images:
+            raise StoreMismatchError(f"{directory / SHARDS}: written for {recorded['images']} images, not "
+                                     f"{num_images}; use a new directory")
+        return [(start, stop) for start, stop in recorded["blocks"]]
+    blocks = shard_blocks(num_images, world, batch_size)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Ranks starting together each write the same layout; the rename makes any one of them the file.
+    write_atomic(path, json.dumps({"world": world, "images": num_images, "batch_size": batch_size,
+                                   "blocks": blocks}) + "\n")
+    return blocks
+
+
+def _extracted(directory: Path) -> int:
+    path = directory / "store.json"
+    return int(json.loads(path.read_text())["done"]) if path.is_file() else 0
+
+
+def extract_shard(mllm: MLLM, images: ImageList, directory: str | Path, *, rank: int = 0, world: int = 1,
+                  batch_size: int = 16, **options: object) -> ActivationStore | None:
+    """`extract_activations` of this process's block of `images` (see `shard_layout`) into its own store.
+
+    Returns the whole store once every shard is complete (`ShardedStore` when sharded), None while another
+    shard still owes images. `options` go to `extract_activations`; a killed shard resumes where it stopped.
+    """
+    directory = Path(directory)
+    blocks = shard_layout(directory, len(images), world, batch_size)
+    if world == 1:
+        return extract_activations(mllm, images, directory, batch_size=batch_size, **options)
+    start, stop = blocks[rank]
+    if stop > start:
+        extract_activations(mllm, images.block(start, stop), shard_directory(directory, rank, world),
+                            batch_size=batch_size, **options)
+    if any(_extracted(shard_directory(directory, other, world)) < end - begin
+           for other, (begin, end) in enumerate(blocks)):
+        return None
+    store = ShardedStore(directory)
+    if store.spec.image_ids != list(images.ids):
+        raise StoreMismatchError(f"{directory}: its shards hold another image list; use a new directory")
+    return store
+
+
+class StackedRows:
+    """Arrays stacked along their first axis without copying them: indexing rows gathers from each part."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *(len(part) for part in self.parts)])
+        self.shape: tuple[int, ...] = (int(self.starts[-1]), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        picked = np.arange(self.shape[0])[rows]
+        wanted = np.atleast_1d(picked)
+        which = np.searchsorted(self.starts, wanted, side="right") - 1
+        result = np.empty((len(wanted), *self.shape[1:]), dtype=self.dtype)
+        for number, part in enumerate(self.parts):
+            mine = which == number
+            if mine.any():
+                result[mine] = part[wanted[mine] - self.starts[number]]
+        return result.reshape(np.shape(picked) + self.shape[1:])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+class ShardedStore(ActivationStore):
+    """Read side of a store extracted in shards (`extract_shard`): the shards' images in order, as one store."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        layout = json.loads((self.directory / SHARDS).read_text())
+        self.shards = [ActivationStore(shard_directory(self.directory, rank, layout["world"]))
+                       for rank, (start, stop) in enumerate(layout["blocks"]) if stop > start]
+        first = self.shards[0]
+        for shard in self.shards[1:]:
+            if shard.spec.grid != first.spec.grid:
+                raise GridMismatchError(f"{shard.directory}: its patch grid is {tuple(shard.spec.grid)}, "
+                                        f"{first.directory}'s {tuple(first.spec.grid)}; a store holds one grid, "
+                                        "so give images of one size")
+            if replace(shard.spec, image_ids=[]) != replace(first.spec, image_ids=[]):
+                raise StoreMismatchError(f"{shard.directory} and {first.directory}: written for another model, "
+                                         "layer set, frame or dtype; use a new directory")
+        self.spec = replace(first.spec, image_ids=[image for shard in self.shards for image in shard.spec.image_ids])
+        self.done = sum(shard.done for shard in self.shards)
+        checks = [shard.hook_check for shard in self.shards if shard.hook_check]
+        self.hook_check = {**checks[0], "max_relative_difference": max(c["max_relative_difference"] for c in checks),
+                           "images": sum(c["images"] for c in checks), "shards": len(checks)} if checks else {}
+
+    def features(self, name: str | int) -> StackedRows:
+        return StackedRows([shard.features(name) for shard in self.shards])
 
 
 def check_hooks(mllm: MLLM, hooks: VisionHooks, images: Sequence[object], frame: str = "padded") -> dict:

@@ -5,12 +5,23 @@
         --out results/probes/spatial --target index --layers all
     python -m probes.layerwise --model /ckpt/Qwen2.5-VL-7B-Instruct --images images_of_one_size/ \\
         --out results/probes/qwen2.5-vl-7b
+    torchrun --nproc_per_node 8 -m probes.layerwise --model /ckpt/llava-1.5-7b-hf --images my_images/ \\
+        --out results/probe-7b
+    python -m probes.layerwise --shard 0/2 ...   # and --shard 1/2 ..., anywhere that sees the same --out
 
 Writes under --out: `activations/` (the streamed patch tokens, resumable), `records.jsonl` (one line
 per feature set and layer, written as each is fitted; a rerun skips what is there), `layerwise.csv`
 (series, layer, metric, value, ci_low, ci_high), `config.json` (the settings; a rerun with others is
 refused), `layerwise.json` (grid, layers, train/test image ids, hook check, versions) and
 `layerwise.png` / `.pdf`.
+
+Sharded extraction: under `torchrun` / `accelerate launch` (RANK / WORLD_SIZE), or with `--shard r/n`,
+process r extracts the r-th of n contiguous runs of whole batches into `activations/shard{r}of{n}/`
+(`activations/shards.json` records the blocks), each resumable on its own. The process that finishes
+its shard last, seeing every shard complete, fits the probes on all images in order and writes the
+results, exactly as one process would (`.fitting.lock` keeps two that finish together from both
+fitting); the others say so and exit. Activations extracted with one number of processes resume only
+with that number (another is refused): to refit a finished sharded store, rerun any one `--shard r/n`.
 
 Series: `probe` (hidden state k), `shuffled labels` (the same probe trained on labels permuted
 across training patches), `patch embedding` and `patch + position embedding` (before any block),
@@ -30,7 +41,8 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +50,19 @@ import numpy as np
 from grounding import bootstrap_intervals
 from grounding.records import append_records, repair_torn_tail, write_atomic
 from grounding.records import read_records as read_jsonl_records
-from grounding.runner import check_or_write_config
+from grounding.runner import Shard, check_or_write_config
 from grounding.summary import package_versions
 from grounding.tasks import add_model_arguments, load_model
-from probes.activations import PATCH, PATCH_POS, ActivationStore, ImageList
+from probes.activations import PATCH, PATCH_POS, ActivationStore, ImageList, extract_shard, shard_layout
 from probes.estimator import SOLVERS, fit_layers, patch_scores
 from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
 
 SERIES = {PATCH: "patch embedding", PATCH_POS: "patch + position embedding"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 RECORDS = "records.jsonl"
+# Config fields that may change on a rerun: the activation store's own layout (`shard_layout`) refuses
+# a store extracted with another number of shards, and runs written before the field existed resume.
+RESUMABLE_CHANGES = ("shards",)
 
 
 # -------------------------------------------------------------------------------------- images
@@ -228,6 +243,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frame", default="padded", choices=("padded", "original", "cropped"))
     parser.add_argument("--batch-size", type=int, default=16, help="images per vision-tower forward pass")
     parser.add_argument("--store-dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--shard", help="r/n: extract the r-th of n contiguous blocks of whole batches; the last "
+                        "shard to finish fits the probes (default: RANK/WORLD_SIZE)")
     add_model_arguments(parser)
     parser.add_argument("--memory-gb", type=float, default=4.0, help="budget for one batched solve")
     parser.add_argument("--layers-per-solve", type=int,
@@ -257,28 +274,60 @@ def run_config(args: argparse.Namespace) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
 
 
+@contextmanager
+def fitting_claim(out: Path) -> Iterator[bool]:
+    """Whether this process may fit the probes: False while another holds the claim.
+
+    Two shards finishing at once both see every shard complete; the claim keeps one of them from fitting
+    and appending the same records beside the other. It is an OS lock, so a killed holder leaves none.
+    """
+    import fcntl
+
+    with (out / ".fitting.lock").open("a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from mllm.loading import resolve_device
-    from probes.activations import extract_activations
-    from probes.figures import plot_layerwise
-
+    shard = Shard.parse(args.shard)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    config = run_config(args)
-    check_or_write_config(out, config, resumable=())  # every probe setting changes the results
+    config = {**run_config(args), "shards": shard.world}
+    check_or_write_config(out, config, resumable=RESUMABLE_CHANGES)  # every other setting changes the results
 
-    model = load_model(args)
     if args.images:
         images = images_from_directory(args.images, args.limit)
     else:
         images = images_from_dataset(args.dataset, args.data, args.split, args.limit)
+    shard_layout(out / "activations", len(images), shard.world, args.batch_size)  # another layout: refused unloaded
+    model = load_model(args)
     num_layers = len(model.adapter.vision_layers) + 1
-    store = extract_activations(model, images, out / "activations", layers=parse_layers(args.layers, num_layers),
-                                frame=args.frame, batch_size=args.batch_size, dtype=args.store_dtype,
-                                progress=not args.no_progress)
-    device = str(resolve_device(args.device))
+    store = extract_shard(model, images, out / "activations", rank=shard.rank, world=shard.world,
+                          batch_size=args.batch_size, layers=parse_layers(args.layers, num_layers), frame=args.frame,
+                          dtype=args.store_dtype, progress=not args.no_progress)
+    device = str(model.device)  # the probes fit where this process's model ran (its own GPU under torchrun)
     del model  # the probes need only the stored activations
+    if store is None:
+        print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {out / 'layerwise.csv'}")
+        return 0
+    with fitting_claim(out) as claimed:
+        if not claimed:
+            print(f"shard {shard.rank}/{shard.world} done; another process is fitting the probes into {out}")
+            return 0
+        write_results(store, images, out, args=args, config=config, device=device)
+    return 0
+
+
+def write_results(store: ActivationStore, images: ImageList, out: Path, *, args: argparse.Namespace, config: dict,
+                  device: str) -> None:
+    """Fit the probes on the complete `store` and write the records, table, metadata and figure."""
+    from probes.figures import plot_layerwise
+
     records = run_layerwise(store, out, target=args.target, solver=args.solver, test_fraction=args.test_fraction,
                             seed=args.seed, C=args.C, max_iter=args.max_iter, device=device,
                             shuffled=not args.no_shuffled, resamples=args.bootstrap, memory_budget_gb=args.memory_gb,
@@ -295,7 +344,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = f"{Path(args.model).name}: linear probe for patch {args.target} ({len(test)} test images)"
     plot_layerwise(rows, out / "layerwise.png", title=title)
     print(f"wrote {out / 'layerwise.csv'} and {out / 'layerwise.png'}")
-    return 0
 
 
 if __name__ == "__main__":

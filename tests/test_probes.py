@@ -272,6 +272,9 @@ def test_cli_writes_table_config_and_figure_and_resumes(tiny_checkpoint, tmp_pat
     lines = (out / "records.jsonl").read_text().splitlines()
     last = lines.pop()
     (out / "records.jsonl").write_text("\n".join(lines) + "\n" + last[:40])  # killed while writing the last record
+    config = json.loads((out / "config.json").read_text())
+    assert config.pop("shards") == 1 and (out / "activations" / "store.json").is_file()
+    (out / "config.json").write_text(json.dumps(config))  # a run from before the field resumes too
     assert main(argv) == 0  # the rerun drops the torn line, refits that one feature set only
     again = (out / "records.jsonl").read_text().splitlines()
     assert again[:-1] == lines
