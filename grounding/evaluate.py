@@ -4,14 +4,14 @@
         [--limit N] --out results/NAME
 
 Rerunning the same command resumes from the records already written (after a crash or Ctrl-C).
-Under `torchrun` / `accelerate launch` (or with `--shard r/n`) each process evaluates every n-th
-sample into its own shard file; whichever finishes last merges them and writes the summary.
+Under `torchrun` / `accelerate launch` (or with `--shard r/n`) each process evaluates a contiguous
+block of whole batches into its own shard file, on its own GPU (LOCAL_RANK); whichever finishes last
+merges them and writes the summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -37,17 +37,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-frame", choices=FRAME_KINDS, help="how the image is shown to the model")
     parser.add_argument("--answer-frame", choices=FRAME_KINDS, help="what the answer's coordinates are fractions of")
     parser.add_argument("--max-new-tokens", type=int)
-    parser.add_argument("--shard", help="r/n: evaluate every n-th sample from r (default: RANK/WORLD_SIZE)")
     add_run_arguments(parser)
     return parser.parse_args(argv)
-
-
-def _device(requested: str) -> str:
-    import torch
-
-    if requested == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return requested
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with reported_errors(args.out) as outcome:
         shard = Shard.parse(args.shard)
         dataset = load_dataset(args.dataset, args.data, args.split, images=args.images, split_by=args.split_by)
-        model = load_model(args, _device(args.device))
+        model = load_model(args)
         style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(
             model.model.config.model_type)
         style = style.with_options(box_format=args.box_format, image_frame=args.image_frame,

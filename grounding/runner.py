@@ -1,19 +1,26 @@
 """Run a model over a dataset: batched, one JSONL record per sample as it goes, resumable, shardable.
 
 A run resumes from the records already in its directory (after a crash or Ctrl-C). Under
-`torchrun` / `accelerate launch` (or `Shard(r, n)`) each process evaluates every n-th sample into
-its own shard file; whichever finishes last merges them and writes the summary.
+`torchrun` / `accelerate launch` (or `Shard(r, n)`) process r evaluates the r-th of n contiguous runs of
+whole batches (`shard_blocks`) into its own shard file, so that every batch, padding included, is one a
+single process would run; whichever finishes last merges them and writes the summary.
+
+A sweep (`run_sweep`) is many runs over one dataset in one pass: each batch is loaded and encoded
+once (vision tower, projector, embeddings, the vision attentions any run reads) and every run that
+lacks it generates from that encoding; runs that feed the LLM the same thing generate once.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 import mllm
@@ -32,6 +39,7 @@ from grounding.records import (
 from grounding.scoring import error_record, score_rec, score_vqa
 from grounding.summary import metrics_csv, package_versions, summarize, summary_json
 from mllm.cost import peak_memory, prefill_flops
+from mllm.positions import PositionPolicy, position_ids
 
 # A predictor runs the model on an encoded batch; pruning and ablations pass their own.
 Predict = Callable[..., mllm.Generation]
@@ -54,9 +62,133 @@ class Shard:
             raise RunConfigError(f"{source}: need r/n with 0 <= r < n, got rank {rank!r} of {world!r}")
         return cls(int(rank), int(world))
 
+    def take(self, items: Sequence[Any], batch_size: int) -> Sequence[Any]:
+        """This rank's block of `items` (see `shard_blocks`)."""
+        start, stop = shard_blocks(len(items), self.world, batch_size)[self.rank]
+        return items[start:stop]
+
+
+def shard_blocks(count: int, world: int, batch_size: int) -> list[tuple[int, int]]:
+    """Per rank, its items [start, stop): the rank-th of `world` contiguous runs of whole batches.
+
+    Cutting only between batches gives every rank the very batches a single process would run, so
+    sharded results equal one process's, not merely up to padding. With fewer batches than ranks some are empty.
+    """
+    batches = -(-count // batch_size)
+    edges = [min(count, batch_size * (batches * rank // world)) for rank in range(world + 1)]
+    return list(pairwise(edges))
+
 
 def default_predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: Any) -> mllm.Generation:
     return mllm.generate(model, encoding, **options)
+
+
+# What decides a run's generation on a batch, when the run can say (see `Run.key`).
+RunKey = Callable[[mllm.MLLM, mllm.Encoding], Hashable | None]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration of a sweep: its run directory, the config that made it, how it generates.
+
+    `key(model, encoding)`, when given, names what the run feeds the LLM on that batch; runs of one
+    sweep whose keys agree generate the same tokens, so the batch is generated once and its records
+    are written to each of them (strength 0 of every corruption kind and the unpruned model, for one).
+    """
+
+    out: Path
+    config: dict
+    predict: Predict = default_predict
+    key: RunKey | None = None
+
+
+@dataclass(frozen=True)
+class SweepPart:
+    """The runs of a sweep on one dataset; `encode_options` cover what any of them reads from the encoding."""
+
+    dataset: Dataset
+    style: PromptStyle
+    runs: Sequence[Run]
+    encode_options: dict = field(default_factory=dict)
+
+
+def feed_key(encoding: mllm.Encoding, keep: Sequence[torch.Tensor] | None = None,
+             policy: str | PositionPolicy = "keep") -> tuple:
+    """A `Run.key` for generation from `encoding` without merged features, extra tokens or in-LLM pruning:
+    each row's fed visual tokens in order and the position IDs they get decide everything the LLM sees."""
+    policy = PositionPolicy.parse(policy)
+    rows = []
+    for row, count in enumerate(encoding.visual_counts):
+        kept = torch.arange(count) if keep is None else torch.as_tensor(keep[row]).cpu()
+        ids = position_ids(kept, encoding.layouts[row], policy)
+        rows.append((tuple(kept.tolist()), tuple(ids.flatten().tolist())))
+    return tuple(rows)
+
+
+def merge_encode_options(options: Iterable[dict]) -> dict:
+    """One encoding serving several runs: hidden states if any run reads them, every attention layer any reads."""
+    merged: dict[str, Any] = {}
+    for option in options:
+        for name, value in option.items():
+            if name == "vision_attentions":
+                merged[name] = sorted(set(merged.get(name, ())) | set(value or ()))
+            elif name == "vision_hidden_states":
+                merged[name] = merged.get(name, False) or bool(value)
+            elif name in merged and merged[name] != value:
+                raise ValueError(f"encode option {name!r}: runs of one sweep ask for {merged[name]!r} and {value!r}")
+            else:
+                merged[name] = value
+    return merged
+
+
+def _load_images(samples: Sequence[Sample]) -> tuple[dict[int, dict], list[tuple[Sample, Any]]]:
+    """Error records for samples that cannot be scored; the others with their loaded images."""
+    errors: dict[int, dict] = {}
+    ready = []
+    for sample in samples:
+        if sample.problem:
+            errors[sample.index] = error_record(sample, "sample", sample.problem)
+            continue
+        try:
+            ready.append((sample, sample.image.load()))
+        except mllm.ImageLoadError as error:
+            errors[sample.index] = error_record(sample, "image", str(error))
+    return errors, ready
+
+
+def evaluate_runs(model: mllm.MLLM, samples: Sequence[Sample], task: str, style: PromptStyle, runs: Sequence[Run],
+                  *, encode_options: dict | None = None) -> Iterator[list[dict]]:
+    """Per run in turn, one record per sample: the batch is loaded and encoded once for all runs, and
+    generated once per distinct `Run.key`. Yielding run by run lets the caller write each run's records as
+    soon as they exist, so a kill loses one run's batch, not every run's."""
+    errors, ready = _load_images(samples)
+    encoding = None
+    if ready:
+        encoding = model.encode([image for _, image in ready],
+                                [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame,
+                                **(encode_options or {}))
+    computed: dict[Hashable, list[dict]] = {}
+    for run in runs:
+        records = dict(errors)
+        if encoding is not None:
+            key = run.key(model, encoding) if run.key is not None else None
+            if key is None or key not in computed:
+                with peak_memory(model.device) as memory:
+                    generation = run.predict(model, encoding, max_new_tokens=style.max_new_tokens(task),
+                                             stop=style.stop)
+                cost = generation_cost(model, generation, memory["bytes"])
+                scored = []
+                for row, (sample, image) in enumerate(ready):
+                    text = generation.texts[row].strip()
+                    record = (score_rec(sample, text, image.size, style, input_size=encoding.frames[row].input_size)
+                              if task == "rec" else score_vqa(sample, text))
+                    scored.append({**record, **cost[row]})
+                if key is not None:
+                    computed[key] = scored
+            else:
+                scored = computed[key]
+            records.update((sample.index, dict(record)) for (sample, _), record in zip(ready, scored))
+        yield [records[sample.index] for sample in samples]
 
 
 def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style: PromptStyle,
@@ -65,29 +197,8 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
 
     `encode_options` go to `model.encode` (e.g. the vision attentions a pruning method reads).
     """
-    records: dict[int, dict] = {}
-    ready = []
-    for sample in samples:
-        if sample.problem:
-            records[sample.index] = error_record(sample, "sample", sample.problem)
-            continue
-        try:
-            ready.append((sample, sample.image.load()))
-        except mllm.ImageLoadError as error:
-            records[sample.index] = error_record(sample, "image", str(error))
-    if ready:
-        encoding = model.encode([image for _, image in ready],
-                                [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame,
-                                **(encode_options or {}))
-        with peak_memory(model.device) as memory:
-            generation = predict(model, encoding, max_new_tokens=style.max_new_tokens(task), stop=style.stop)
-        cost = generation_cost(model, generation, memory["bytes"])
-        for row, (sample, image) in enumerate(ready):
-            text = generation.texts[row].strip()
-            record = (score_rec(sample, text, image.size, style, input_size=encoding.frames[row].input_size)
-                      if task == "rec" else score_vqa(sample, text))
-            records[sample.index] = {**record, **cost[row]}
-    return [records[sample.index] for sample in samples]
+    run = Run(Path(), {}, predict)
+    return next(evaluate_runs(model, samples, task, style, [run], encode_options=encode_options))
 
 
 def generation_cost(model: mllm.MLLM, generation: mllm.Generation, peak_bytes: int | None) -> list[dict]:
@@ -151,6 +262,56 @@ def finish(out: Path, selected: Sequence[Sample], task: str, config: dict, resam
     return summary
 
 
+def run_sweep(model: mllm.MLLM, parts: Sequence[SweepPart], *, batch_size: int = 8, limit: int | None = None,
+              shard: Shard = Shard(), resamples: int = 1000, progress: bool = True,
+              label: str = "sweep") -> list[dict | None]:
+    """Every run of every part, in one pass over each part's data: each batch of this process's shard is
+    encoded once and run through every run that still lacks it, appending to that run's own records.
+
+    Runs stay separate, resumable run directories (see `run_evaluation`); a killed sweep resumes each
+    run where it stopped. Returns each run's summary in order, None for runs other shards still owe.
+    """
+    states = []
+    for part in parts:
+        for run in part.runs:
+            run.out.mkdir(parents=True, exist_ok=True)
+            check_or_write_config(run.out, run.config)
+        selected = part.dataset.samples[:limit]
+        mine = shard.take(selected, batch_size)
+        paths = [shard_file(run.out, shard.rank, shard.world) for run in part.runs]
+        for path in paths:
+            repair_torn_tail(path)
+        done = [set(read_records(record_files(run.out))) for run in part.runs]
+        states.append((part, selected, mine, paths, done))
+    total = sum(len(mine) * len(part.runs) for part, _, mine, _, _ in states)
+    initial = sum(sum(sample.index in seen for sample in mine) for _, _, mine, _, done in states for seen in done)
+    runs = sum(len(part.runs) for part in parts)
+    if runs > 1:
+        label += f", {runs} runs"
+    if shard.world > 1:
+        label += f", shard {shard.rank}/{shard.world}"
+    with tqdm(total=total, initial=initial, disable=not progress, desc=label, unit="sample",
+              dynamic_ncols=True) as bar:
+        for part, _, mine, paths, done in states:
+            # Batches are fixed chunks of the shard, so a resumed run pads and batches samples as an
+            # uninterrupted one does; a chunk cut short by a kill is recomputed whole.
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start : start + batch_size]
+                owing = [number for number, seen in enumerate(done) if any(s.index not in seen for s in chunk)]
+                if not owing:
+                    continue
+                results = evaluate_runs(model, chunk, part.dataset.task, part.style,
+                                        [part.runs[number] for number in owing], encode_options=part.encode_options)
+                for number, records in zip(owing, results):
+                    new = [record for record in records if record["index"] not in done[number]]
+                    append_records(paths[number], new)
+                    done[number].update(record["index"] for record in new)
+                    bar.update(len(new))
+    # Only now: a rank that finished an early part before the others sees their records of it here.
+    return [finish(run.out, selected, part.dataset.task, run.config, resamples)
+            for part, selected, *_ in states for run in part.runs]
+
+
 def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: PromptStyle, *,
                    config: dict | None = None, predict: Predict = default_predict, batch_size: int = 8,
                    limit: int | None = None, shard: Shard = Shard(), resamples: int = 1000,
@@ -160,30 +321,12 @@ def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: P
     Returns the summary once every selected sample has a record (None while other shards still run).
     `config` is what made the run (see `run_config`); a caller adds its own fields (method, ratio).
     `predict` and `encode_options` let a caller change how the model runs (pruning, ablations).
+    A sweep of one run (`run_sweep`).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = config if config is not None else run_config(model, dataset, style, limit=limit, batch_size=batch_size)
-    check_or_write_config(out, config)
-    selected = dataset.samples[:limit]
-    mine = selected[shard.rank :: shard.world]
-    path = shard_file(out, shard.rank, shard.world)
-    repair_torn_tail(path)
-    done = set(read_records(record_files(out)))
-    # Batches are fixed chunks of the shard, so a resumed run pads and batches samples as an
-    # uninterrupted one does; a chunk cut short by a kill is recomputed whole.
-    chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-    label = f"{dataset.name} {dataset.split}" + (f" shard {shard.rank}/{shard.world}" if shard.world > 1 else "")
-    with tqdm(total=len(mine), initial=sum(sample.index in done for sample in mine), disable=not progress,
-              desc=label, unit="sample") as bar:
-        for chunk in chunks:
-            todo = [sample for sample in chunk if sample.index not in done]
-            if not todo:
-                continue
-            records = evaluate_batch(model, chunk, dataset.task, style, predict, encode_options=encode_options)
-            append_records(path, [record for record in records if record["index"] not in done])
-            bar.update(len(todo))
-    return finish(out, selected, dataset.task, config, resamples)
+    part = SweepPart(dataset, style, [Run(Path(out), config, predict)], encode_options or {})
+    return run_sweep(model, [part], batch_size=batch_size, limit=limit, shard=shard, resamples=resamples,
+                     progress=progress, label=f"{dataset.name} {dataset.split}")[0]
 
 
 def run_config(model: mllm.MLLM, dataset: Dataset, style: PromptStyle, **extra: Any) -> dict:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 import mllm
 from grounding.data import Dataset, load_dataset
 from grounding.errors import GroundingError
@@ -55,7 +57,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
     add_model_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    parser.add_argument("--shard", help="r/n: evaluate the r-th of n contiguous blocks of whole batches of each "
+                        "run; the last shard to finish writes the summaries (default: RANK/WORLD_SIZE)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def headline_table(table: pd.DataFrame, index: list[str], columns: list[str]) -> str:
+    """The headline metric of each task (`HEADLINE`) from a sweep's table (a row per run and metric), `index`
+    down and `columns` across: the short table a CLI prints at the end (the whole table is its CSV)."""
+    headline = table[table.metric == table.task.map(HEADLINE)]
+    pivot = headline.pivot_table(index=index, columns=columns, values="value")
+    pivot.columns = [" ".join(map(str, column)) if isinstance(column, tuple) else str(column)
+                     for column in pivot.columns]
+    metrics = ", ".join(f"{task} {HEADLINE[task]}" for task in dict.fromkeys(headline.task))
+    return f"{metrics}\n{pivot.to_string(float_format=lambda value: f'{value:.3f}')}"
 
 
 @dataclass

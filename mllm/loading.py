@@ -22,8 +22,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto`: this process's GPU (LOCAL_RANK's, under torchrun / accelerate), else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # More processes than GPUs (LOCAL_RANK past the count) share them in turn.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device(device)
 
 

@@ -39,3 +39,9 @@ def parse_spec(spec: str, what: str, part: str = "parameter") -> tuple[str, dict
 def format_spec(name: str, params: Mapping[str, object]) -> str:
     """The spec `parse_spec` reads back into (name, params)."""
     return name + (":" + ",".join(f"{key}={format_value(value)}" for key, value in params.items()) if params else "")
+
+
+def spec_slug(spec: str) -> str:
+    """A directory name for a spec: `fastv:layer=3,query=all` -> `fastv@layer=3_query=all`; a path among
+    its values (`trim:clip=/models/clip`) stays one directory level."""
+    return spec.replace(":", "@").replace(",", "_").replace("/", "%2F")

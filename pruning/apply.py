@@ -20,7 +20,7 @@ import torch
 
 import mllm
 from pruning.budget import Budget
-from pruning.registry import LayerPruningMethod, PruningMethod, Selection, VisionPruning, make_method
+from pruning.registry import LayerPruningMethod, PruningMethod, Selection, VisionPruning, make_method, method_spec
 
 POSITIONS = ("reassign", "reassign-raster", "keep", "compact")
 
@@ -56,11 +56,47 @@ def with_merged_features(encoding: mllm.Encoding, selection: Selection) -> mllm.
     return dataclasses.replace(encoding, inputs_embeds=embeds)
 
 
+def select_tokens(model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning, budget: Budget) -> Selection:
+    """`method`'s checked selection on a batch of one grid, at `budget`."""
+    with torch.no_grad():
+        selection = method.select(model, encoding, budget.num_kept(encoding.num_visual))
+    check_selection(selection, encoding, method)
+    return selection
+
+
+class BatchSelections:
+    """Each (method, budget)'s selection on the batch at hand, made once: a sweep's runs that differ only in
+    their position policy, and the keys that tell which of them feed the LLM the same tokens, share it."""
+
+    def __init__(self) -> None:
+        self._encoding: mllm.Encoding | None = None
+        self._selections: dict[tuple[str, str], Selection] = {}
+
+    def __call__(self, model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning,
+                 budget: Budget) -> Selection:
+        if encoding is not self._encoding:  # a new batch: the old selections are of no use
+            self._encoding, self._selections = encoding, {}
+        key = (method_spec(method), str(budget))
+        if key not in self._selections:
+            self._selections[key] = select_tokens(model, encoding, method, budget)
+        return self._selections[key]
+
+
+def feed_order(selection: Selection, positions: str) -> list[torch.Tensor]:
+    """Per row, the kept indices in the order they are fed: as emitted under reassign, else raster order.
+
+    Merged features are written into their hosts' slots, so reordering the kept indices carries them along.
+    """
+    return [row.cpu() if positions == "reassign" else row.sort().values.cpu() for row in selection.kept]
+
+
 def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMethod | str, budget: Budget | str,
-                   positions: str = "keep", **generate_options: object) -> mllm.Generation:
+                   positions: str = "keep", *, selections: BatchSelections | None = None,
+                   **generate_options: object) -> mllm.Generation:
     """Prune `encoding`'s visual tokens with `method` to `budget`, number them by `positions`, generate.
 
     `encoding` must carry what the method reads (`method.encode_options(model)` passed to `encode`).
+    `selections` lets runs on the same batch share a pre-LLM method's selection.
     """
     method = make_method(method)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
@@ -72,19 +108,14 @@ def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMet
         parts = [(rows, prune_generate(model, encoding.subset(rows), method, budget, positions, **generate_options))
                  for rows in groups.values()]
         return mllm.merge_generations(parts, encoding.batch_size)
-    num_kept = budget.num_kept(encoding.num_visual)
     if isinstance(method, LayerPruningMethod):
-        pruning = method.layer_pruning(model, encoding, num_kept, policy)
+        pruning = method.layer_pruning(model, encoding, budget.num_kept(encoding.num_visual), policy)
         return mllm.generate(model, encoding, layer_pruning=pruning, **generate_options)
     if not isinstance(method, VisionPruning):
         raise TypeError(f"{method!r} is neither a VisionPruning nor a LayerPruningMethod")
-    with torch.no_grad():
-        selection = method.select(model, encoding, num_kept)
-    check_selection(selection, encoding, method)
-    # Merged features are written into their hosts' slots, so reordering the kept indices carries them along.
-    kept = [row.cpu() if positions == "reassign" else row.sort().values.cpu() for row in selection.kept]
+    selection = (selections or select_tokens)(model, encoding, method, budget)
     extra = None
     if selection.extra is not None:
         extra = mllm.ExtraTokens(selection.extra, selection.extra_anchors)
-    return mllm.generate(model, with_merged_features(encoding, selection), keep=kept, policy=policy, extra=extra,
-                         **generate_options)
+    return mllm.generate(model, with_merged_features(encoding, selection), keep=feed_order(selection, positions),
+                         policy=policy, extra=extra, **generate_options)

@@ -23,7 +23,7 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -31,17 +31,27 @@ import pandas as pd
 import mllm
 from grounding import Dataset, PromptStyle, default_style_for, prompt_style
 from grounding.records import write_atomic
-from grounding.runner import Predict, check_or_write_config, run_config, run_evaluation
+from grounding.runner import (
+    Run,
+    Shard,
+    SweepPart,
+    check_or_write_config,
+    feed_key,
+    merge_encode_options,
+    run_config,
+    run_sweep,
+)
 from grounding.tasks import (
-    HEADLINE,
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    headline_table,
     load_model,
     reported_errors,
     task_datasets,
 )
-from pruning.apply import POSITIONS, mllm_policy, prune_generate
+from mllm.specs import spec_slug
+from pruning.apply import POSITIONS, BatchSelections, feed_order, mllm_policy, prune_generate
 from pruning.budget import Budget
 from pruning.registry import LayerPruningMethod, PruningMethod, make_method, method_spec
 
@@ -76,30 +86,43 @@ def budget_label(method: PruningMethod, budget: Budget) -> str:
     return "adaptive" if method.adaptive else str(budget)
 
 
-def slug(spec: str) -> str:
-    """A directory name for a method spec; a path among its values (`trim:clip=/models/clip`) stays one level."""
-    return spec.replace(":", "@").replace(",", "_").replace("/", "%2F")
-
-
 def run_directory(out: Path, task: str, method: PruningMethod | None = None, budget: str = "",
                   positions: str = "") -> Path:
     if method is None:
         return out / task / UNPRUNED
-    return out / task / slug(method_spec(method)) / budget / positions
+    return out / task / spec_slug(method_spec(method)) / budget / positions
 
 
-def pruned_predict(method: PruningMethod, budget: Budget, positions: str) -> Predict:
+def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, positions: str, *,
+               selections: BatchSelections) -> Run:
+    """A sweep run of `method` at `budget` under `positions`; its key says when it feeds what another run feeds."""
+
     def predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
-        return prune_generate(model, encoding, method, budget, positions, **options)
+        return prune_generate(model, encoding, method, budget, positions, selections=selections, **options)
 
-    return predict
+    def key(model: mllm.MLLM, encoding: mllm.Encoding) -> Hashable | None:
+        if isinstance(method, LayerPruningMethod) or len(set(encoding.grids)) > 1:
+            return None  # in-LLM pruning is its own; a ragged batch is pruned per grid, not worth a key
+        selection = selections(model, encoding, method, budget)
+        feed = feed_key(encoding, feed_order(selection, positions), mllm_policy(positions))
+        if selection.features is None and selection.extra is None:
+            return feed  # the bare kept tokens: the same as any run feeding them (the unpruned run, at 0%)
+        return (method_spec(method), str(budget), feed)
+
+    return Run(out, config, predict, key)
 
 
 def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
                 budgets: Sequence[Budget], out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"),
                 style: PromptStyle | None = None, batch_size: int = 8, limit: int | None = None,
-                resamples: int = 1000, progress: bool = True) -> pd.DataFrame:
-    """The unpruned run, then every (method, budget, policy) run, per task, into `out`; return the table."""
+                shard: Shard | None = None, resamples: int = 1000, progress: bool = True) -> pd.DataFrame | None:
+    """The unpruned run and every (method, budget, policy) run, per task, into `out`; return the table.
+
+    One pass over each task's data: a batch is encoded once for every run, each (method, budget) selects
+    once for all its policies, and runs feeding the LLM the same tokens generate once. Under `shard`
+    this process evaluates its block of every run; the table comes back (and is written) from the
+    process that finds every run complete, None from the others.
+    """
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
     for method in methods:
@@ -111,23 +134,25 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
     out.mkdir(parents=True, exist_ok=True)
     style = style or default_style_for(model.model.config.model_type)
     check_or_write_config(out, {"model": str(model.path)})
+    selections = BatchSelections()
+    parts = []
     for task, dataset in datasets.items():
         base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
                           num_visual=model.num_visual_tokens if model.fixed_grid else None)
-        _log(progress, f"{task} unpruned")
-        run_evaluation(model, dataset, run_directory(out, task), style, config={**base, "method": UNPRUNED},
-                       batch_size=batch_size, limit=limit, resamples=resamples, progress=progress)
+        runs = [Run(run_directory(out, task), {**base, "method": UNPRUNED}, key=lambda _, encoding: feed_key(encoding))]
         for method in methods:
             for budget in dict.fromkeys(budget_label(method, b) for b in budgets):
+                parsed = Budget.parse(budget) if budget != "adaptive" else Budget(pruned=0.0)
                 for policy in positions:
-                    spec = method_spec(method)
-                    config = {**base, "method": spec, "budget": budget, "positions": policy}
-                    _log(progress, f"{task} {spec} {budget} {policy}")
-                    parsed = Budget.parse(budget) if budget != "adaptive" else Budget(pruned=0.0)
-                    run_evaluation(model, dataset, run_directory(out, task, method, budget, policy), style,
-                                   config=config, predict=pruned_predict(method, parsed, policy),
-                                   encode_options=method.encode_options(model), batch_size=batch_size,
-                                   limit=limit, resamples=resamples, progress=progress)
+                    config = {**base, "method": method_spec(method), "budget": budget, "positions": policy}
+                    runs.append(pruned_run(run_directory(out, task, method, budget, policy), config, method, parsed,
+                                           policy, selections=selections))
+        options = merge_encode_options(method.encode_options(model) for method in methods)
+        parts.append(SweepPart(dataset, style, runs, options))
+    summaries = run_sweep(model, parts, batch_size=batch_size, limit=limit, shard=shard or Shard(),
+                          resamples=resamples, progress=progress, label="pruning")
+    if any(summary is None for summary in summaries):
+        return None
     table = pruning_table(out)
     write_atomic(out / "pruning.csv", table.to_csv(index=False))
     return table
@@ -161,16 +186,8 @@ def pruning_table(out: str | Path) -> pd.DataFrame:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    headline = table[[HEADLINE.get(task) == metric for task, metric in zip(table.task, table.metric)]]
-    return "\n".join(f"  {row.task} {row.method:<28} {row.budget:>8} {row.positions:<16} {row.value:.3f} "
-                     f"[{row.ci_low:.3f}, {row.ci_high:.3f}]  tokens {row.tokens_fed:.1f}  "
-                     f"prefill {row.prefill_gflops:.3g} GFLOPs {row.prefill_ms:.2f} ms"
-                     for row in headline.itertuples())
-
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr)
+    """Each task's headline metric, a row per (method, budget) and a column per (task, position policy)."""
+    return headline_table(table, index=["method", "budget"], columns=["task", "positions"])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -202,13 +219,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets = parse_budget_list(args.ratios, args.keep)
         positions = [policy for policy in args.positions.split(",") if policy]
         datasets = task_datasets(args)
+        shard = Shard.parse(args.shard)
         model = load_model(args)
         style = prompt_style(args.prompt_style) if args.prompt_style else None
         table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
-                            batch_size=args.batch_size, limit=args.limit, resamples=args.bootstrap,
+                            batch_size=args.batch_size, limit=args.limit, shard=shard, resamples=args.bootstrap,
                             progress=not args.no_progress)
     if outcome.status:
         return outcome.status
+    if table is None:
+        print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {args.out / 'pruning.csv'}")
+        return 0
     plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
     print(format_table(table))
     print(f"wrote {args.out / 'pruning.csv'} and {args.out / 'pruning.png'}")

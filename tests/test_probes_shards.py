@@ -18,7 +18,6 @@ from probes.activations import (
     ShardedStore,
     StackedRows,
     StoreMismatchError,
-    shard_blocks,
     shard_layout,
 )
 from tests.conftest import random_image
@@ -60,17 +59,6 @@ def assert_same_results(out: Path, single: Path) -> None:
     assert records(out) == records(single)
     ours, theirs = (json.loads((path / "layerwise.json").read_text()) for path in (out, single))
     assert ours["images"] == theirs["images"] and ours["grid"] == theirs["grid"]
-
-
-def test_blocks_are_whole_batches_covering_every_image_once():
-    assert shard_blocks(12, 2, 2) == [(0, 6), (6, 12)]
-    assert shard_blocks(12, 2, 5) == [(0, 5), (5, 12)]  # batches [0,5) | [5,10) [10,12), as one process runs them
-    assert shard_blocks(3, 4, 2) == [(0, 0), (0, 2), (2, 2), (2, 3)]  # fewer batches than ranks: some idle
-    for images, world, batch in ((7, 3, 1), (100, 8, 16), (5, 1, 16)):
-        blocks = shard_blocks(images, world, batch)
-        assert [stop for _, stop in blocks[:-1]] == [start for start, _ in blocks[1:]]
-        assert blocks[0][0] == 0 and blocks[-1][1] == images
-        assert all(start % batch == 0 for start, _ in blocks)
 
 
 def test_stacked_rows_index_like_one_array():

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 import mllm
+from mllm.specs import spec_slug
 from pruning import METHODS
-from pruning.evaluate import main, slug, split_method_specs
+from pruning.evaluate import main, split_method_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIATURE = ROOT / "data" / "minillava" / "contrastive"
@@ -119,5 +120,5 @@ def test_method_specs_split_on_commas_between_methods_only():
 
 
 def test_a_path_in_a_method_spec_stays_one_directory_level(tmp_path):
-    name = slug("trim:clip=/models/clip-vit,sign=positive")
+    name = spec_slug("trim:clip=/models/clip-vit,sign=positive")
     assert "/" not in name and (tmp_path / name).parent == tmp_path
