@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from grounding.records import write_atomic
+from grounding.runner import shard_blocks
 from mllm import MLLM
 from mllm.encoding import encode_vision_inputs
 from probes.bridge import VisionHooks
@@ -219,17 +219,6 @@ def extract_activations(
 def shard_directory(directory: str | Path, rank: int, world: int) -> Path:
     """Where shard `rank` of `world` keeps its store: the directory itself for a single process."""
     return Path(directory) if world == 1 else Path(directory) / f"shard{rank}of{world}"
-
-
-def shard_blocks(num_images: int, world: int, batch_size: int) -> list[tuple[int, int]]:
-    """Per rank, its images [start, stop): the rank-th of `world` contiguous runs of whole batches.
-
-    Cutting only between batches gives every shard the very batches a single process would run, so the
-    features, not merely their order, are the single process's. With fewer batches than ranks some are empty.
-    """
-    batches = -(-num_images // batch_size)
-    edges = [min(num_images, batch_size * (batches * rank // world)) for rank in range(world + 1)]
-    return list(pairwise(edges))
 
 
 def shard_layout(directory: str | Path, num_images: int, world: int, batch_size: int) -> list[tuple[int, int]]:
