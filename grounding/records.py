@@ -6,9 +6,11 @@ sharded), `config.json`, and, once every sample has a record, `summary.json` and
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from grounding.errors import GroundingError
@@ -73,3 +75,20 @@ def write_merged(out: Path, records: dict[int, dict]) -> Path:
     text = "".join(json.dumps(records[index], ensure_ascii=False) + "\n" for index in sorted(records))
     write_atomic(out / MERGED, text)
     return out / MERGED
+
+
+@contextmanager
+def claim(path: Path) -> Iterator[bool]:
+    """Whether this process may do a once-only job (fit the probes, draw a sweep's figure): False while
+    another process holds `path`'s claim.
+
+    Shards finishing at once each see every record there; the claim keeps two of them from doing the same
+    job side by side. It is an OS lock, so a killed holder leaves none behind.
+    """
+    with path.open("a") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True

@@ -100,16 +100,16 @@ class Run:
     config: dict
     predict: Predict = default_predict
     key: RunKey | None = None
+    encode_options: dict = field(default_factory=dict)  # what `predict` reads from the encoding (`model.encode`)
 
 
 @dataclass(frozen=True)
 class SweepPart:
-    """The runs of a sweep on one dataset; `encode_options` cover what any of them reads from the encoding."""
+    """The runs of a sweep on one dataset, with one prompt style."""
 
     dataset: Dataset
     style: PromptStyle
     runs: Sequence[Run]
-    encode_options: dict = field(default_factory=dict)
 
 
 def feed_key(encoding: mllm.Encoding, keep: Sequence[torch.Tensor] | None = None,
@@ -156,17 +156,17 @@ def _load_images(samples: Sequence[Sample]) -> tuple[dict[int, dict], list[tuple
     return errors, ready
 
 
-def evaluate_runs(model: mllm.MLLM, samples: Sequence[Sample], task: str, style: PromptStyle, runs: Sequence[Run],
-                  *, encode_options: dict | None = None) -> Iterator[list[dict]]:
-    """Per run in turn, one record per sample: the batch is loaded and encoded once for all runs, and
-    generated once per distinct `Run.key`. Yielding run by run lets the caller write each run's records as
-    soon as they exist, so a kill loses one run's batch, not every run's."""
+def evaluate_runs(model: mllm.MLLM, samples: Sequence[Sample], task: str, style: PromptStyle,
+                  runs: Sequence[Run]) -> Iterator[list[dict]]:
+    """Per run in turn, one record per sample: the batch is loaded and encoded once for all runs (with what
+    any of them reads), and generated once per distinct `Run.key`. Yielding run by run lets the caller write
+    each run's records as soon as they exist, so a kill loses one run's batch, not every run's."""
     errors, ready = _load_images(samples)
     encoding = None
     if ready:
         encoding = model.encode([image for _, image in ready],
                                 [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame,
-                                **(encode_options or {}))
+                                **merge_encode_options(run.encode_options for run in runs))
     computed: dict[Hashable, list[dict]] = {}
     for run in runs:
         records = dict(errors)
@@ -197,8 +197,8 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
 
     `encode_options` go to `model.encode` (e.g. the vision attentions a pruning method reads).
     """
-    run = Run(Path(), {}, predict)
-    return next(evaluate_runs(model, samples, task, style, [run], encode_options=encode_options))
+    run = Run(Path(), {}, predict, encode_options=encode_options or {})
+    return next(evaluate_runs(model, samples, task, style, [run]))
 
 
 def generation_cost(model: mllm.MLLM, generation: mllm.Generation, peak_bytes: int | None) -> list[dict]:
@@ -301,7 +301,7 @@ def run_sweep(model: mllm.MLLM, parts: Sequence[SweepPart], *, batch_size: int =
                 if not owing:
                     continue
                 results = evaluate_runs(model, chunk, part.dataset.task, part.style,
-                                        [part.runs[number] for number in owing], encode_options=part.encode_options)
+                                        [part.runs[number] for number in owing])
                 for number, records in zip(owing, results):
                     new = [record for record in records if record["index"] not in done[number]]
                     append_records(paths[number], new)
@@ -324,7 +324,7 @@ def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: P
     A sweep of one run (`run_sweep`).
     """
     config = config if config is not None else run_config(model, dataset, style, limit=limit, batch_size=batch_size)
-    part = SweepPart(dataset, style, [Run(Path(out), config, predict)], encode_options or {})
+    part = SweepPart(dataset, style, [Run(Path(out), config, predict, encode_options=encode_options or {})])
     return run_sweep(model, [part], batch_size=batch_size, limit=limit, shard=shard, resamples=resamples,
                      progress=progress, label=f"{dataset.name} {dataset.split}")[0]
 

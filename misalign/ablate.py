@@ -40,7 +40,7 @@ import torch
 
 import mllm
 from grounding import Dataset, PromptStyle, default_style_for, prompt_style
-from grounding.records import write_atomic
+from grounding.records import claim, write_atomic
 from grounding.runner import Predict, Run, Shard, SweepPart, check_or_write_config, feed_key, run_config, run_sweep
 from grounding.tasks import (
     add_run_arguments,
@@ -55,6 +55,7 @@ from misalign.corruptions import Misalignment, corruption_spec, parse_corruption
 from mllm.positions import PositionPolicy, check_policy
 from mllm.specs import spec_slug
 
+FIGURE_CLAIM = ".figure.lock"
 TABLE_COLUMNS = ("corruption", "strength", "seed", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
                  "n")
 
@@ -116,12 +117,31 @@ def run_ablations(model: mllm.MLLM, datasets: Mapping[str, Dataset], ablations: 
                   style: PromptStyle | None = None, seed: int = 0, batch_size: int = 8, limit: int | None = None,
                   shard: Shard | None = None, resamples: int = 1000,
                   progress: bool = True) -> list[pd.DataFrame] | None:
-    """Evaluate each task at every (corruption, strength) in one pass over its data, resuming; per ablation,
-    its table (also written as its directory's ablation.csv).
+    """Evaluate each task at every (corruption, strength) in one pass over its data (`ablation_sweep`),
+    resuming; per ablation, its table (also written as its directory's ablation.csv).
 
-    Each batch is encoded once; runs feeding the LLM the same IDs generate once. Under `shard` this process
-    evaluates its block of every run; the tables come from the process that finds every run complete, None
-    from the others. `style`: the prompt style, by default the one registered for the checkpoint's model type.
+    Under `shard` this process evaluates its block of every run; the tables come from the process that
+    finds every run complete, None from the others.
+    """
+    parts = ablation_sweep(model, datasets, ablations, style=style, seed=seed, batch_size=batch_size, limit=limit)
+    summaries = run_sweep(model, parts, batch_size=batch_size, limit=limit, shard=shard or Shard(),
+                          resamples=resamples, progress=progress, label="misalign")
+    if any(summary is None for summary in summaries):
+        return None
+    tables = []
+    for ablation in ablations:
+        tables.append(ablation_table(ablation.out))
+        write_atomic(ablation.out / "ablation.csv", tables[-1].to_csv(index=False))
+    return tables
+
+
+def ablation_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], ablations: Sequence[Ablation], *,
+                   style: PromptStyle | None = None, seed: int = 0, batch_size: int = 8,
+                   limit: int | None = None) -> list[SweepPart]:
+    """Per task, a run per (corruption, strength), checked and ready for `run_sweep`: each batch is encoded
+    once, and runs feeding the LLM the same IDs (strength 0 of every kind) generate once.
+
+    `style`: the prompt style, by default the one registered for the checkpoint's model type.
     """
     style = style or default_style_for(model.model.config.model_type)
     for ablation in ablations:  # a bad strength fails here, before any run (per image where counts vary)
@@ -145,15 +165,7 @@ def run_ablations(model: mllm.MLLM, datasets: Mapping[str, Dataset], ablations: 
                 runs.append(misaligned_run(run_directory(ablation.out, task, strength), config,
                                            ablation.misalignment, strength, seed))
         parts.append(SweepPart(dataset, style, runs))
-    summaries = run_sweep(model, parts, batch_size=batch_size, limit=limit, shard=shard or Shard(),
-                          resamples=resamples, progress=progress, label="misalign")
-    if any(summary is None for summary in summaries):
-        return None
-    tables = []
-    for ablation in ablations:
-        tables.append(ablation_table(ablation.out))
-        write_atomic(ablation.out / "ablation.csv", tables[-1].to_csv(index=False))
-    return tables
+    return parts
 
 
 def misaligned_run(out: Path, config: dict, misalignment: Misalignment, strength: float, seed: int) -> Run:
@@ -233,9 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tables is None:
         print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes the tables under {args.out}")
         return 0
-    for ablation, table in zip(ablations, tables):
-        title = f"{Path(args.model).name}: {corruption_spec(ablation.misalignment)} (seed {args.seed})"
-        plot_ablation(table, ablation.out / "ablation.png", title=title)
+    with claim(args.out / FIGURE_CLAIM) as claimed:  # shards finishing together: one of them draws
+        if not claimed:
+            print(f"shard {shard.rank}/{shard.world} done; another process is drawing the figures under {args.out}")
+            return 0
+        for ablation, table in zip(ablations, tables):
+            title = f"{Path(args.model).name}: {corruption_spec(ablation.misalignment)} (seed {args.seed})"
+            plot_ablation(table, ablation.out / "ablation.png", title=title)
     table = pd.concat(tables, ignore_index=True)
     if len(ablations) > 1:
         write_atomic(args.out / "ablation.csv", table.to_csv(index=False))

@@ -19,7 +19,7 @@ Sharded extraction: under `torchrun` / `accelerate launch` (RANK / WORLD_SIZE), 
 process r extracts the r-th of n contiguous runs of whole batches into `activations/shard{r}of{n}/`
 (`activations/shards.json` records the blocks), each resumable on its own. The process that finishes
 its shard last, seeing every shard complete, fits the probes on all images in order and writes the
-results, exactly as one process would (`.fitting.lock` keeps two that finish together from both
+results, exactly as one process would (a claim on `.fitting.lock` keeps two that finish together from both
 fitting); the others say so and exit. Activations extracted with one number of processes resume only
 with that number (another is refused): to refit a finished sharded store, rerun any one `--shard r/n`.
 
@@ -41,14 +41,13 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from grounding import bootstrap_intervals
-from grounding.records import append_records, repair_torn_tail, write_atomic
+from grounding.records import append_records, claim, repair_torn_tail, write_atomic
 from grounding.records import read_records as read_jsonl_records
 from grounding.runner import Shard, check_or_write_config
 from grounding.summary import package_versions
@@ -60,6 +59,7 @@ from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
 SERIES = {PATCH: "patch embedding", PATCH_POS: "patch + position embedding"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 RECORDS = "records.jsonl"
+FITTING_CLAIM = ".fitting.lock"
 # Config fields that may change on a rerun: the activation store's own layout (`shard_layout`) refuses
 # a store extracted with another number of shards, and runs written before the field existed resume.
 RESUMABLE_CHANGES = ("shards",)
@@ -274,24 +274,6 @@ def run_config(args: argparse.Namespace) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
 
 
-@contextmanager
-def fitting_claim(out: Path) -> Iterator[bool]:
-    """Whether this process may fit the probes: False while another holds the claim.
-
-    Two shards finishing at once both see every shard complete; the claim keeps one of them from fitting
-    and appending the same records beside the other. It is an OS lock, so a killed holder leaves none.
-    """
-    import fcntl
-
-    with (out / ".fitting.lock").open("a") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     shard = Shard.parse(args.shard)
@@ -315,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if store is None:
         print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {out / 'layerwise.csv'}")
         return 0
-    with fitting_claim(out) as claimed:
+    with claim(out / FITTING_CLAIM) as claimed:
         if not claimed:
             print(f"shard {shard.rank}/{shard.world} done; another process is fitting the probes into {out}")
             return 0

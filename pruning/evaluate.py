@@ -10,11 +10,18 @@ tokens kept; the budget counts every token fed to the LLM. Methods that pick the
 `misalign.ablate`: `--data DIR` (rec/ and vqa/ JSONL) or `--rec NAME:PATH --vqa NAME:PATH`.
 
 Each run is a grounding run directory, resumable: OUT/TASK/unpruned/ once, and
-OUT/TASK/METHOD/BUDGET/POLICY/. OUT/pruning.csv (method, budget, positions, task, metric, value,
-CI, n, and the cost: visual tokens the last LLM layer saw and their mean over the layers (the two
-differ for methods that prune inside the LLM), analytic prefill GFLOPs, prefill ms per sample, ms per decoding
-step, peak CUDA memory) and OUT/pruning.png/.pdf cover every finished run in OUT. The times are
-measured per batch (a sample's share of its batch's prefill): compare runs made with one --batch-size.
+OUT/TASK/METHOD/BUDGET/POLICY/. The sweep is one pass over each task's data: a batch is encoded once
+for every run, each (method, budget) selects once for all its policies, and runs feeding the LLM the
+same tokens generate once, each still writing its own records. Under `torchrun --nproc_per_node N` /
+`accelerate launch` (or `--shard r/n`) each process, on its own GPU, evaluates its block of every
+run; the last to finish writes the summaries, the table and the figure, equal to one process's.
+
+OUT/pruning.csv (method, budget, positions, task, metric, value, CI, n, and the cost: visual tokens the
+last LLM layer saw and their mean over the layers (the two differ for methods that prune inside the
+LLM), analytic prefill GFLOPs, prefill ms per sample, ms per decoding step, peak CUDA memory) and
+OUT/pruning.png/.pdf cover every finished run in OUT. The times are measured per batch (a sample's
+share of its batch's prefill): compare runs made with one --batch-size. Runs that generated once for
+several share that generation's times.
 """
 
 from __future__ import annotations
@@ -30,14 +37,13 @@ import pandas as pd
 
 import mllm
 from grounding import Dataset, PromptStyle, default_style_for, prompt_style
-from grounding.records import write_atomic
+from grounding.records import claim, write_atomic
 from grounding.runner import (
     Run,
     Shard,
     SweepPart,
     check_or_write_config,
     feed_key,
-    merge_encode_options,
     run_config,
     run_sweep,
 )
@@ -59,6 +65,7 @@ TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "m
                  "n", "tokens_fed", "tokens_layer_mean", "num_visual", "prefill_gflops", "prefill_ms",
                  "decode_ms_per_step", "peak_memory_mib")
 UNPRUNED = "unpruned"
+FIGURE_CLAIM = ".figure.lock"
 
 
 def split_method_specs(text: str) -> list[str]:
@@ -94,7 +101,7 @@ def run_directory(out: Path, task: str, method: PruningMethod | None = None, bud
 
 
 def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, positions: str, *,
-               selections: BatchSelections) -> Run:
+               selections: BatchSelections, encode_options: dict) -> Run:
     """A sweep run of `method` at `budget` under `positions`; its key says when it feeds what another run feeds."""
 
     def predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
@@ -109,7 +116,7 @@ def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, p
             return feed  # the bare kept tokens: the same as any run feeding them (the unpruned run, at 0%)
         return (method_spec(method), str(budget), feed)
 
-    return Run(out, config, predict, key)
+    return Run(out, config, predict, key, encode_options)
 
 
 def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
@@ -118,10 +125,29 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
                 shard: Shard | None = None, resamples: int = 1000, progress: bool = True) -> pd.DataFrame | None:
     """The unpruned run and every (method, budget, policy) run, per task, into `out`; return the table.
 
-    One pass over each task's data: a batch is encoded once for every run, each (method, budget) selects
-    once for all its policies, and runs feeding the LLM the same tokens generate once. Under `shard`
-    this process evaluates its block of every run; the table comes back (and is written) from the
-    process that finds every run complete, None from the others.
+    One pass over each task's data (`pruning_sweep`). Under `shard` this process evaluates its block of
+    every run; the table comes back (and is written) from the process that finds every run complete, None
+    from the others.
+    """
+    parts = pruning_sweep(model, datasets, methods, budgets, out, positions=positions, style=style,
+                          batch_size=batch_size, limit=limit)
+    summaries = run_sweep(model, parts, batch_size=batch_size, limit=limit, shard=shard or Shard(),
+                          resamples=resamples, progress=progress, label="pruning")
+    if any(summary is None for summary in summaries):
+        return None
+    table = pruning_table(out)
+    write_atomic(Path(out) / "pruning.csv", table.to_csv(index=False))
+    return table
+
+
+def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
+                  budgets: Sequence[Budget], out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"),
+                  style: PromptStyle | None = None, batch_size: int = 8,
+                  limit: int | None = None) -> list[SweepPart]:
+    """Per task, the unpruned run and every (method, budget, policy) run, checked and ready for `run_sweep`.
+
+    A batch is encoded once for every run, each (method, budget) selects once for all its policies, and
+    runs feeding the LLM the same tokens generate once.
     """
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
@@ -146,16 +172,10 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
                 for policy in positions:
                     config = {**base, "method": method_spec(method), "budget": budget, "positions": policy}
                     runs.append(pruned_run(run_directory(out, task, method, budget, policy), config, method, parsed,
-                                           policy, selections=selections))
-        options = merge_encode_options(method.encode_options(model) for method in methods)
-        parts.append(SweepPart(dataset, style, runs, options))
-    summaries = run_sweep(model, parts, batch_size=batch_size, limit=limit, shard=shard or Shard(),
-                          resamples=resamples, progress=progress, label="pruning")
-    if any(summary is None for summary in summaries):
-        return None
-    table = pruning_table(out)
-    write_atomic(out / "pruning.csv", table.to_csv(index=False))
-    return table
+                                           policy, selections=selections,
+                                           encode_options=method.encode_options(model)))
+        parts.append(SweepPart(dataset, style, runs))
+    return parts
 
 
 def pruning_table(out: str | Path) -> pd.DataFrame:
@@ -230,7 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if table is None:
         print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {args.out / 'pruning.csv'}")
         return 0
-    plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
+    with claim(args.out / FIGURE_CLAIM) as claimed:  # shards finishing together: one of them draws
+        if not claimed:
+            print(f"shard {shard.rank}/{shard.world} done; another process is drawing {args.out / 'pruning.png'}")
+            return 0
+        plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
     print(format_table(table))
     print(f"wrote {args.out / 'pruning.csv'} and {args.out / 'pruning.png'}")
     return 0

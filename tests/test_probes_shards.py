@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from grounding.records import claim
 from probes import layerwise
 from probes.activations import (
     ActivationStore,
@@ -77,7 +78,7 @@ def test_shard_calls_in_turn_equal_one_process(tiny_checkpoint, folder, single, 
     assert not (out / "layerwise.csv").exists() and not (out / "records.jsonl").exists()
 
     # Another process fitting (both shards saw the store complete): this one leaves it to that one.
-    with layerwise.fitting_claim(out) as claimed:
+    with claim(out / layerwise.FITTING_CLAIM) as claimed:
         assert claimed
         assert layerwise.main(arguments(tiny_checkpoint, folder, out, "--shard", "1/2")) == 0
     assert "another process is fitting" in capsys.readouterr().out
