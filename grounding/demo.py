@@ -33,12 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", help="checkpoint directory (default: a tiny random LLaVA built here)")
+    parser.add_argument("--device", default="auto", help="auto: the GPU when there is one")
     args = parser.parse_args(argv)
     out = Path(args.out)
     checkpoint = args.model or out / "tiny-llava"
     if not args.model and not (out / "tiny-llava" / "config.json").is_file():
         build_tiny_llava(checkpoint)
-    model = mllm.load(checkpoint, device="cpu", dtype="float32")
+    model = mllm.load(checkpoint, device=args.device, dtype="float32")
     style = default_style_for(model.model.config.model_type)
     rows = []
     for run, name, split, writer in LAYOUTS:

@@ -19,6 +19,8 @@ import pandas as pd
 import mllm
 from grounding.data import Dataset, load_dataset
 from grounding.errors import GroundingError
+from grounding.records import claim
+from grounding.runner import Shard
 
 TASKS = ("rec", "vqa")
 # The metric each task's curves and tables lead with; summaries hold all of them.
@@ -94,6 +96,20 @@ def reported_errors(out: Path | str, *errors: type[Exception]) -> Iterator[Outco
         print(f"\ninterrupted: the records written so far are kept in {out}; rerun the same command to resume",
               file=sys.stderr)
         outcome.status = 130
+
+
+@contextmanager
+def finishing_shard(out: Path, shard: Shard, complete: bool, what: str) -> Iterator[bool]:
+    """Whether this process writes `what` (a sweep's figures), which a sharded sweep writes once: the process
+    that found every run complete and holds the claim on it does; the others say why not."""
+    if not complete:
+        print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {what}")
+        yield False
+        return
+    with claim(out / ".figures.lock") as claimed:  # shards finishing together: one of them draws
+        if not claimed:
+            print(f"shard {shard.rank}/{shard.world} done; another process is writing {what}")
+        yield claimed
 
 
 def check_tasks(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

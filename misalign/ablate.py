@@ -40,12 +40,13 @@ import torch
 
 import mllm
 from grounding import Dataset, PromptStyle, default_style_for, prompt_style
-from grounding.records import claim, write_atomic
+from grounding.records import write_atomic
 from grounding.runner import Predict, Run, Shard, SweepPart, check_or_write_config, feed_key, run_config, run_sweep
 from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    finishing_shard,
     headline_table,
     load_model,
     reported_errors,
@@ -55,7 +56,6 @@ from misalign.corruptions import Misalignment, corruption_spec, parse_corruption
 from mllm.positions import PositionPolicy, check_policy
 from mllm.specs import spec_slug
 
-FIGURE_CLAIM = ".figure.lock"
 TABLE_COLUMNS = ("corruption", "strength", "seed", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
                  "n")
 
@@ -242,16 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                limit=args.limit, shard=shard, resamples=args.bootstrap, progress=not args.no_progress)
     if outcome.status:
         return outcome.status
-    if tables is None:
-        print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes the tables under {args.out}")
+    with finishing_shard(args.out, shard, tables is not None, f"the tables and figures under {args.out}") as writes:
+        if writes:
+            for ablation, table in zip(ablations, tables):
+                title = f"{Path(args.model).name}: {corruption_spec(ablation.misalignment)} (seed {args.seed})"
+                plot_ablation(table, ablation.out / "ablation.png", title=title)
+    if not writes:
         return 0
-    with claim(args.out / FIGURE_CLAIM) as claimed:  # shards finishing together: one of them draws
-        if not claimed:
-            print(f"shard {shard.rank}/{shard.world} done; another process is drawing the figures under {args.out}")
-            return 0
-        for ablation, table in zip(ablations, tables):
-            title = f"{Path(args.model).name}: {corruption_spec(ablation.misalignment)} (seed {args.seed})"
-            plot_ablation(table, ablation.out / "ablation.png", title=title)
     table = pd.concat(tables, ignore_index=True)
     if len(ablations) > 1:
         write_atomic(args.out / "ablation.csv", table.to_csv(index=False))

@@ -37,7 +37,7 @@ import pandas as pd
 
 import mllm
 from grounding import Dataset, PromptStyle, default_style_for, prompt_style
-from grounding.records import claim, write_atomic
+from grounding.records import write_atomic
 from grounding.runner import (
     Run,
     Shard,
@@ -51,6 +51,7 @@ from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    finishing_shard,
     headline_table,
     load_model,
     reported_errors,
@@ -65,7 +66,6 @@ TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "m
                  "n", "tokens_fed", "tokens_layer_mean", "num_visual", "prefill_gflops", "prefill_ms",
                  "decode_ms_per_step", "peak_memory_mib")
 UNPRUNED = "unpruned"
-FIGURE_CLAIM = ".figure.lock"
 
 
 def split_method_specs(text: str) -> list[str]:
@@ -247,14 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             progress=not args.no_progress)
     if outcome.status:
         return outcome.status
-    if table is None:
-        print(f"shard {shard.rank}/{shard.world} done; the last shard to finish writes {args.out / 'pruning.csv'}")
+    with finishing_shard(args.out, shard, table is not None, f"{args.out / 'pruning.csv'} and its figure") as writes:
+        if writes:
+            plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
+    if not writes:
         return 0
-    with claim(args.out / FIGURE_CLAIM) as claimed:  # shards finishing together: one of them draws
-        if not claimed:
-            print(f"shard {shard.rank}/{shard.world} done; another process is drawing {args.out / 'pruning.png'}")
-            return 0
-        plot_pruning(table, args.out / "pruning.png", title=Path(args.model).name)
     print(format_table(table))
     print(f"wrote {args.out / 'pruning.csv'} and {args.out / 'pruning.png'}")
     return 0
