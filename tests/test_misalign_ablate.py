@@ -122,6 +122,10 @@ def test_corruption_specs_round_trip():
     (["--kind", "span-shift:start=60", "--strength", "8"], "does not fit in"),
     (["--kind", "permuted", "--strength", "1", "--rec", "refcoco"], "--rec 'refcoco': need DATASET:PATH"),
     (["--kind", "permuted", "--strength", "1", "--split", "rec=val,ocr=test"], "--split 'rec=val,ocr=test'"),
+    (["--kind", "permuted", "--strength", "0", "--kind", "permuted", "--strength", "1"], "given twice"),
+    # the second --strength goes with the second --kind: 4 shifts fine, but permutes no fraction
+    (["--kind", "shifted", "--strength", "0,1", "--kind", "permuted", "--strength", "0,4"],
+     "'fraction' must lie in [0, 1]"),
 ])
 def test_bad_input_is_named_before_any_run(args, needle, tmp_path, capsys):
     assert ablate("--model", MINIATURE, "--data", EVAL, *args, "--out", tmp_path / "out") == 2
@@ -133,3 +137,19 @@ def test_a_task_without_data_is_named(tmp_path, capsys):
     assert ablate("--model", MINIATURE, "--kind", "permuted", "--strength", "1", "--tasks", "vqa",
                   "--out", tmp_path / "out") == 2
     assert "no data for task vqa" in capsys.readouterr().err
+
+
+def test_strengths_go_with_their_kinds_or_one_list_with_all(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ablate("--model", MINIATURE, "--data", EVAL, "--kind", "permuted", "--kind", "shifted", "--kind", "identity",
+               "--strength", "0", "--strength", "1", "--out", tmp_path / "out")
+    assert "once for every --kind or once after each; got 2 for 3 kinds" in capsys.readouterr().err
+
+
+def test_several_kinds_are_refused_where_one_kinds_ablation_lives(miniature_ablation, capsys):
+    before = sorted(path.name for path in miniature_ablation.iterdir())
+    assert ablate("--model", MINIATURE, "--data", EVAL, "--kind", "permuted", "--kind", "shifted", "--strength", "0",
+                  "--limit", 4, "--out", miniature_ablation) == 2
+    assert f"{miniature_ablation / 'config.json'}: {miniature_ablation} holds the ablation of one kind" in (
+        capsys.readouterr().err)
+    assert sorted(path.name for path in miniature_ablation.iterdir()) == before

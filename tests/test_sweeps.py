@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import mllm
 from grounding import load_dataset, prompt_style, run_evaluation
@@ -20,6 +21,7 @@ from grounding.summary import MEASURED_FIELDS
 from misalign import make_corruption
 from misalign.ablate import Ablation, misaligned_predict, run_ablations
 from misalign.ablate import main as ablate
+from mllm.loading import resolve_device
 from pruning import make_method
 from pruning.apply import prune_generate
 from pruning.budget import Budget
@@ -188,3 +190,17 @@ def test_a_sweep_killed_in_the_middle_resumes_to_the_same_result(cli, single_pru
     monkeypatch.setattr(mllm, "generate", generate)
     assert main(arguments(out, sweep, "--shard", "0/2")) == 0
     assert_same_sweep(out, single, table)
+
+
+def test_auto_puts_each_process_on_its_local_ranks_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "5")  # more processes than GPUs: they share in turn
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
