@@ -294,7 +294,7 @@ def run_sweep(model: mllm.MLLM, parts: Sequence[SweepPart], *, batch_size: int =
               dynamic_ncols=True) as bar:
         for part, _, mine, paths, done in states:
             # Batches are fixed chunks of the shard, so a resumed run pads and batches samples as an
-            # uninterrupted one does; a chunk cut short by a kill is recomputed whole.
+            # uninterrupted one does; a run a kill cut short in a chunk recomputes that chunk whole.
             for start in range(0, len(mine), batch_size):
                 chunk = mine[start : start + batch_size]
                 owing = [number for number, seen in enumerate(done) if any(s.index not in seen for s in chunk)]

@@ -258,8 +258,8 @@ def shard_layout(directory: str | Path, num_images: int, world: int, batch_size:
 
 
 def _extracted(directory: Path) -> int:
-    path = directory / "store.json"
-    return int(json.loads(path.read_text())["done"]) if path.is_file() else 0
+    """Images a shard's store holds so far (none before it starts)."""
+    return ActivationStore(directory).done if (directory / "store.json").is_file() else 0
 
 
 def extract_shard(mllm: MLLM, images: ImageList, directory: str | Path, *, rank: int = 0, world: int = 1,

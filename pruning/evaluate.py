@@ -151,8 +151,9 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     """
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
+    # A method that cannot read this model (trim's CLIP width) fails here, before anything is written.
+    encode_options = [method.encode_options(model) for method in methods]
     for method in methods:
-        method.encode_options(model)  # a method that cannot read this model (trim's CLIP width) fails first
         if isinstance(method, LayerPruningMethod) and "compact" in positions:
             raise ValueError(f"{method_spec(method)!r} prunes inside the LLM, where 'compact' positions are not "
                              "defined (its tokens already carry their IDs): run it with reassign and keep")
@@ -166,14 +167,13 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
         base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
                           num_visual=model.num_visual_tokens if model.fixed_grid else None)
         runs = [Run(run_directory(out, task), {**base, "method": UNPRUNED}, key=lambda _, encoding: feed_key(encoding))]
-        for method in methods:
+        for method, options in zip(methods, encode_options):
             for budget in dict.fromkeys(budget_label(method, b) for b in budgets):
                 parsed = Budget.parse(budget) if budget != "adaptive" else Budget(pruned=0.0)
                 for policy in positions:
                     config = {**base, "method": method_spec(method), "budget": budget, "positions": policy}
                     runs.append(pruned_run(run_directory(out, task, method, budget, policy), config, method, parsed,
-                                           policy, selections=selections,
-                                           encode_options=method.encode_options(model)))
+                                           policy, selections=selections, encode_options=options))
         parts.append(SweepPart(dataset, style, runs))
     return parts
 
