@@ -108,6 +108,14 @@ def _training_only(config: dict) -> str:
     return "".join(f" and {text}" for text in extra)
 
 
+def _tower_source(config: dict, training: dict) -> str:
+    if not config.get("tower_from"):
+        return ""
+    digest = training.get("tower_from_sha256") or "unknown"
+    return (f" Not retrained for this checkpoint: stage 2 started from the tower of `{config['tower_from']}` "
+            f"(its model.safetensors, sha256 {digest[:16]}...), whose stage-1 log this one carries.")
+
+
 def train_flags(config: dict) -> str:
     """The `minillava.train` options that reproduce `config`: the tower and every setting off its default."""
     defaults = asdict(TrainConfig())
@@ -152,7 +160,7 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "",
         "## Training",
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
-        f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min.",
+        f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min." + _tower_source(config, training),
         "- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
         "captions" + _training_only(config)
         + "; loss on answers only (a token mean within each task, the tasks weighted by their share of the batch); "

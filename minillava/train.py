@@ -3,11 +3,16 @@
     python -m minillava.train --tower contrastive --out data/minillava/contrastive
     python -m minillava.train --tower spatial --out data/minillava/spatial --preset gpu --device cuda
 
+    python -m minillava.train --tower spatial --tower-from data/minillava/spatial --out spatial-v2  # new stage 2
+
 Stage 1 trains a small CLIP contrastively on position-free captions (`--tower spatial` adds a small
 loss that keeps patch position linearly decodable in the tower's last two layers). Stage 2 freezes
 the vision tower and trains projector + Llama on REC and VQA instructions and captions, worded as the
 `llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only. Each stage logs
 to `<work>/log.csv`, saves its state every `--save-every` steps and resumes from it when rerun.
+`--tower-from DIR` skips stage 1 and starts stage 2 from the vision tower of a finished
+miniature, whose `training.json` must record the stage-1 settings of this run (its stage-1 log rows
+are carried over, so the new card still says how the tower was trained).
 With `--eval-data` the finished checkpoint is evaluated through `grounding` and gets a model card.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import random
@@ -47,7 +53,14 @@ from minillava.world import (
 )
 from mllm.loading import resolve_device
 from mllm.prompts import build_prompt
-from mllm.tiny import CLIP_MEAN, CLIP_STD, TinyLlavaConfig, build_processor, save_llava_checkpoint
+from mllm.tiny import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TinyLlavaConfig,
+    build_processor,
+    save_llava_checkpoint,
+    tiny_llava_config,
+)
 
 TOWERS = ("contrastive", "spatial")
 IGNORE = -100
@@ -77,6 +90,7 @@ class TrainConfig:
     vqa_only_steps: int = 0  # steps of VQA alone that open stage 2 (see `batch_counts`)
     warmup: int = 100
     save_every: int = 200
+    tower_from: str = ""  # a finished miniature whose vision tower replaces stage 1
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
 
     @property
@@ -263,6 +277,43 @@ def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: P
     return clip.eval()
 
 
+def tower_from_checkpoint(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: Path,
+                          log: Log) -> CLIPModel:
+    """Stage 1's result read from a finished miniature: its vision tower, its stage-1 log rows.
+
+    Refused unless the miniature's `training.json` records this run's stage-1 settings, so that the
+    tower is the one stage 1 would have trained here and the card's description of it stays true.
+    """
+    source = Path(config.tower_from)
+    record_file = source / "training.json"
+    if not record_file.is_file():
+        raise SystemExit(f"--tower-from {source}: no training.json (not a minillava.train checkpoint)")
+    recorded = json.loads(record_file.read_text()).get("config", {})
+    wanted = stage_config(config, "stage1")
+    for key, value in wanted.items():
+        if recorded.get(key, asdict(TrainConfig()).get(key)) != value:
+            raise SystemExit(f"{record_file}: config.{key} is {recorded.get(key)!r}, this run's is {value!r}; "
+                             "the tower was trained with other stage-1 settings")
+    model = LlavaForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    expected = tiny_llava_config(config.sizes, tokenizer).vision_config
+    for key in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if getattr(model.config.vision_config, key) != getattr(expected, key):
+            raise SystemExit(f"{source / 'config.json'}: vision_config.{key} is "
+                             f"{getattr(model.config.vision_config, key)}, preset {config.preset!r} needs "
+                             f"{getattr(expected, key)}")
+    clip = build_clip(config.sizes, tokenizer, config.text_tower)
+    clip.vision_model.load_state_dict(model.model.vision_tower.state_dict())
+    logged = work / "log.csv"
+    if not logged.is_file():  # a resumed run already carries them
+        source_log = source / "training_log.csv"
+        rows = [row for row in csv.DictReader(source_log.open()) if row["stage"] == "stage1"] \
+            if source_log.is_file() else []
+        log.resume("stage1", 0)
+        for row in rows:
+            log.write("stage1", int(row["step"]), float(row["loss"]), float(row["lr"]), float(row["seconds"]))
+    return clip.eval()
+
+
 # -------------------------------------------------------------------------------------- stage 2
 @dataclass
 class Instructions:
@@ -432,7 +483,16 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
     tokenizer = build_tokenizer()
     processor = build_processor(config.sizes, tokenizer)
     log = Log(work / "log.csv")
-    clip = train_tower(config, tokenizer, work, log, device=device, progress=progress)
+    if config.tower_from and stage1_only:
+        raise SystemExit("--tower-from replaces stage 1: it cannot be given with --stage1-only")
+    if config.tower_from and Path(config.tower_from).resolve() == out.resolve():
+        raise SystemExit(f"--out {out} is the --tower-from checkpoint; write the new miniature elsewhere")
+    if config.tower_from:
+        weights = Path(config.tower_from) / "model.safetensors"
+        tower_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        clip = tower_from_checkpoint(config, tokenizer, work, log)
+    else:
+        clip = train_tower(config, tokenizer, work, log, device=device, progress=progress)
     if stage1_only:
         return None
     model = train_llm(config, clip, processor, work, log, device=device, progress=progress)
@@ -441,6 +501,8 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
     stages = {row["stage"]: float(row["seconds"]) for row in csv.DictReader((work / "log.csv").open())}
     training = {"config": asdict(config), "device": describe(device), "seconds": stages,
                 "torch": torch.__version__}
+    if config.tower_from:  # the path may later hold another model: say which file the tower came from
+        training["tower_from_sha256"] = tower_sha256
     (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     return out
 

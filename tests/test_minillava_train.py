@@ -1,12 +1,14 @@
 """Training the miniature: the training path is the evaluation path, runs repeat, and resume exactly."""
 
 import csv
+import hashlib
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import mllm
 from grounding.data import load_dataset
@@ -185,6 +187,40 @@ def test_a_new_stage_2_reuses_the_trained_tower(trained, tmp_path):
     assert stage1 == [row for row in losses(work) if row[0] == "stage1"]
     with pytest.raises(SystemExit, match="another configuration"):
         training.train(tiny_config(stage1_lr=0.5), tmp_path / "model", tmp_path / "work", progress=False)
+
+
+def test_stage_2_from_a_finished_miniatures_tower_retrains_it_exactly(trained, tmp_path):
+    out, work = trained
+    again = training.train(tiny_config(tower_from=str(out)), tmp_path / "model", tmp_path / "work", progress=False)
+    first, second = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    assert losses(tmp_path / "work") == losses(work)  # stage 1's rows carried over, stage 2's the same
+    record = json.loads((again / "training.json").read_text())
+    assert record["config"]["tower_from"] == str(out)
+    assert record["tower_from_sha256"] == hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    assert record["seconds"]["stage1"] == json.loads((out / "training.json").read_text())["seconds"]["stage1"]
+    from minillava.card import evaluate_and_card
+
+    write_eval_split(tmp_path / "split", rec_scenes=2, vqa_scenes=1, size=PRESETS["test"].image_size)
+    evaluate_and_card(again, tmp_path / "split", tmp_path / "results", device="cpu")
+    card = (again / "README.md").read_text()
+    assert f"stage 2 started from the tower of `{out}`" in card and record["tower_from_sha256"][:16] in card
+    assert f"--tower-from {out}" in card  # the reproduce line
+
+
+def test_stage_2_from_a_tower_trained_otherwise_is_refused(trained, tmp_path):
+    out, _ = trained
+    with pytest.raises(SystemExit, match=r"training\.json: config\.stage1_lr is 0\.001, this run's is 0\.5"):
+        training.train(tiny_config(tower_from=str(out), stage1_lr=0.5), tmp_path / "model", tmp_path / "w1",
+                       progress=False)
+    with pytest.raises(SystemExit, match=r"no training\.json"):
+        training.train(tiny_config(tower_from=str(tmp_path)), tmp_path / "model", tmp_path / "w2", progress=False)
+    with pytest.raises(SystemExit, match="is the --tower-from checkpoint"):
+        training.train(tiny_config(tower_from=str(out)), out, tmp_path / "w3", progress=False)
+    with pytest.raises(SystemExit, match="cannot be given with --stage1-only"):
+        training.train(tiny_config(tower_from=str(out)), tmp_path / "model", tmp_path / "w4", progress=False,
+                       stage1_only=True)
+    assert not (tmp_path / "model").exists()
 
 
 def test_the_miniature_is_a_llava_checkpoint_evaluated_like_one(trained, tmp_path):
