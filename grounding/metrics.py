@@ -34,20 +34,39 @@ def vqa_columns(records: Sequence[dict]) -> dict[str, np.ndarray]:
     return {"accuracy": np.array([record["correct"] for record in records], dtype=float)}
 
 
-def bootstrap_intervals(columns: dict[str, np.ndarray], *, resamples: int = 1000, level: float = 0.95,
-                        seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap CI of each column's mean, resampling samples jointly (fixed seed)."""
-    names = list(columns)
-    values = np.stack([columns[name] for name in names], axis=1)  # (n, metrics)
+def bootstrap_means(columns: dict[str, np.ndarray], *, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """(resamples, columns) means of each column over samples drawn with replacement, jointly (fixed seed).
+
+    Resampling the columns jointly keeps each sample's values together, so a statistic of several
+    means (a difference, a ratio) gets its interval from the same resamples.
+    """
+    values = np.stack([np.asarray(column, dtype=float) for column in columns.values()], axis=1)  # (n, metrics)
     n = values.shape[0]
-    if n == 0:
-        return {name: (float("nan"), float("nan")) for name in names}
     rng = np.random.default_rng(seed)
     means = []
     for start in range(0, resamples, 100):  # chunks keep memory at 100 x n counts
         counts = rng.multinomial(n, np.full(n, 1 / n), size=min(100, resamples - start))
         means.append(counts @ values / n)
-    means = np.concatenate(means)
+    return np.concatenate(means)
+
+
+def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of a statistic's bootstrap draws (undefined draws, e.g. 0/0, left out)."""
+    draws = np.asarray(draws, dtype=float)
+    if not np.isfinite(draws).any():
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(draws[np.isfinite(draws)], [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_intervals(columns: dict[str, np.ndarray], *, resamples: int = 1000, level: float = 0.95,
+                        seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CI of each column's mean, resampling samples jointly (fixed seed)."""
+    names = list(columns)
+    if not names or len(columns[names[0]]) == 0:
+        return {name: (float("nan"), float("nan")) for name in names}
+    means = bootstrap_means(columns, resamples=resamples, seed=seed)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail], axis=0)
     return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}

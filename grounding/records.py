@@ -18,6 +18,29 @@ from grounding.errors import GroundingError
 MERGED = "samples.jsonl"
 
 
+def kept_mask(kept: Iterable[int], count: int) -> str:
+    """The visual tokens a row kept, out of `count`, as hex: bit i of the number is token i (raster order).
+
+    A record carries it in `visual_kept` (144 characters for LLaVA-1.5's 576 tokens), so an analysis of
+    what pruning kept reads finished runs and needs no rerun. The order the tokens were fed in is not kept:
+    the run's position policy gives it.
+    """
+    number = 0
+    for index in kept:
+        if not 0 <= int(index) < count:
+            raise ValueError(f"kept token {int(index)} is outside 0..{count - 1}")
+        number |= 1 << int(index)
+    return format(number, f"0{max(1, -(-count // 4))}x")
+
+
+def kept_indices(mask: str, count: int) -> list[int]:
+    """`kept_mask`'s inverse: the kept token indices, ascending."""
+    number = int(mask, 16)
+    if number >> count:
+        raise ValueError(f"kept mask {mask!r} names tokens beyond the row's {count}")
+    return [index for index in range(count) if number >> index & 1]
+
+
 def shard_file(out: Path, rank: int, world: int) -> Path:
     return out / (MERGED if world == 1 else f"samples.shard{rank}of{world}.jsonl")
 

@@ -29,6 +29,7 @@ from grounding.errors import RunConfigError
 from grounding.prompts import PromptStyle
 from grounding.records import (
     append_records,
+    kept_mask,
     read_records,
     record_files,
     repair_torn_tail,
@@ -182,7 +183,7 @@ def evaluate_runs(model: mllm.MLLM, samples: Sequence[Sample], task: str, style:
                     text = generation.texts[row].strip()
                     record = (score_rec(sample, text, image.size, style, input_size=encoding.frames[row].input_size)
                               if task == "rec" else score_vqa(sample, text))
-                    scored.append({**record, **cost[row]})
+                    scored.append({**record, **cost[row], **visual_fields(encoding, generation, row)})
                 if key is not None:
                     computed[key] = scored
             else:
@@ -199,6 +200,14 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
     """
     run = Run(Path(), {}, predict, encode_options=encode_options or {})
     return next(evaluate_runs(model, samples, task, style, [run]))
+
+
+def visual_fields(encoding: mllm.Encoding, generation: mllm.Generation, row: int) -> dict:
+    """What a record says of the row's visual tokens: the grid they tile and which of them the last LLM
+    layer saw (`grounding.records.kept_mask`)."""
+    rows, cols = encoding.grids[row]
+    return {"visual_grid": [int(rows), int(cols)],
+            "visual_kept": kept_mask(generation.kept[row].tolist(), encoding.visual_counts[row])}
 
 
 def generation_cost(model: mllm.MLLM, generation: mllm.Generation, peak_bytes: int | None) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from grounding.tasks import HEADLINE
@@ -62,6 +63,71 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
         axes[row][0].set_ylabel(f"{task.upper()} {HEADLINE[task]}")
     axes[0][0].set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    if path is not None:
+        path = Path(path)
+        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+        plt.close(figure)
+    return figure
+
+
+def coverage_bins(coverage: pd.Series, full: float = 1.0) -> pd.Series:
+    """Each referent's patch coverage as a bin: none kept, under half, half or more, fully kept (>= `full`)."""
+    bins = pd.Series(np.select([coverage >= full, coverage >= 0.5, coverage > 0], ["full", ">=1/2", "<1/2"], "none"),
+                     index=coverage.index)
+    return pd.Categorical(bins, categories=COVERAGE_BINS, ordered=True)
+
+
+COVERAGE_BINS = ("none", "<1/2", ">=1/2", "full")
+
+
+def plot_coverage(table: pd.DataFrame, path: str | Path | None = None, *, full: float = 1.0,
+                  positions: Sequence[str] | None = None, title: str | None = None) -> object:
+    """A panel per (method, budget): REC accuracy against how much of the referent was kept, for the
+    unpruned model on the same samples and for each position policy, with 95% bootstrap CIs; the
+    samples per bin under each axis label. `table` is `pruning.coverage.coverage_table`'s."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from grounding.metrics import bootstrap_intervals
+
+    data = table.copy()
+    data["bin"] = coverage_bins(data.patch_coverage, full)
+    policies = [p for p in (positions or POLICY_STYLES) if p in set(data.positions)]
+    panels = list(data[["method", "budget"]].drop_duplicates().itertuples(index=False, name=None))
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 2.9), sharey=True, squeeze=False)
+    for ax, (method, budget) in zip(axes[0], panels):
+        panel = data[(data.method == method) & (data.budget == budget)]
+        counts = panel[panel.positions == policies[0]].groupby("bin", observed=False).size() if policies else None
+        series = [("unpruned", panel[panel.positions == policies[0]] if policies else panel, "hit_unpruned",
+                   {"color": "0.4", "marker": "D", "label": "unpruned, same samples"})]
+        series += [(policy, panel[panel.positions == policy], "hit", POLICY_STYLES[policy]) for policy in policies]
+        for offset, (_, rows, column, style) in zip(np.linspace(-0.15, 0.15, len(series)), series):
+            xs, ys, lows, highs = [], [], [], []
+            for position, name in enumerate(COVERAGE_BINS):
+                hits = rows[rows.bin == name][column].to_numpy(float)
+                if not len(hits):
+                    continue
+                low, high = bootstrap_intervals({"hit": hits}, resamples=500)["hit"]
+                xs.append(position + offset)
+                ys.append(hits.mean())
+                lows.append(hits.mean() - low)
+                highs.append(high - hits.mean())
+            ax.errorbar(xs, ys, yerr=[lows, highs], fmt=style.get("marker", "o"), color=style["color"],
+                        label=style["label"], ms=4, capsize=2, lw=1)
+        labels = [f"{name}\nn={counts[name] if counts is not None else 0}" for name in COVERAGE_BINS]
+        ax.set_xticks(range(len(COVERAGE_BINS)), labels, fontsize=7)
+        ax.set_title(f"{method} {budget}", fontsize=9)
+        ax.set_xlabel("referent's patches kept")
+    axes[0][0].set_ylabel("REC accuracy (IoU >= threshold)")
+    axes[0][0].set_ylim(-0.02, 1.02)
+    axes[0][0].legend(fontsize=6)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
