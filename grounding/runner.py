@@ -86,6 +86,8 @@ def default_predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: Any) -
 
 # What decides a run's generation on a batch, when the run can say (see `Run.key`).
 RunKey = Callable[[mllm.MLLM, mllm.Encoding], Hashable | None]
+# Fields a run adds to each sample's record, from the batch's encoding and its generation (see `Run.annotate`).
+Annotate = Callable[[mllm.MLLM, mllm.Encoding, mllm.Generation, Sequence[Sample]], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class Run:
     `key(model, encoding)`, when given, names what the run feeds the LLM on that batch; runs of one
     sweep whose keys agree generate the same tokens, so the batch is generated once and its records
     are written to each of them (strength 0 of every corruption kind and the unpruned model, for one).
+    `annotate(model, encoding, generation, samples)`, when given, returns one dict of extra record fields
+    per encoded sample (an analysis of how the run generated); runs that share a key share them too.
     """
 
     out: Path
@@ -102,6 +106,7 @@ class Run:
     predict: Predict = default_predict
     key: RunKey | None = None
     encode_options: dict = field(default_factory=dict)  # what `predict` reads from the encoding (`model.encode`)
+    annotate: Annotate | None = None
 
 
 @dataclass(frozen=True)
@@ -178,12 +183,14 @@ def evaluate_runs(model: mllm.MLLM, samples: Sequence[Sample], task: str, style:
                     generation = run.predict(model, encoding, max_new_tokens=style.max_new_tokens(task),
                                              stop=style.stop)
                 cost = generation_cost(model, generation, memory["bytes"])
+                notes = (run.annotate(model, encoding, generation, [sample for sample, _ in ready]) if run.annotate
+                         else [{}] * len(ready))
                 scored = []
                 for row, (sample, image) in enumerate(ready):
                     text = generation.texts[row].strip()
                     record = (score_rec(sample, text, image.size, style, input_size=encoding.frames[row].input_size)
                               if task == "rec" else score_vqa(sample, text))
-                    scored.append({**record, **cost[row], **visual_fields(encoding, generation, row)})
+                    scored.append({**record, **cost[row], **visual_fields(encoding, generation, row), **notes[row]})
                 if key is not None:
                     computed[key] = scored
             else:

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from mllm.adapters import ModelAdapter, register_adapter, supported_model_types
+from mllm.attention import AnswerAttention, answer_attention
 from mllm.encoding import Encoding, encode, encode_pixels
 from mllm.errors import (
     CheckpointNotFoundError,
@@ -37,9 +38,10 @@ from mllm.positions import PositionPolicy, VisualLayout, next_position_id, posit
 from mllm.prompts import build_prompt
 
 __all__ = [
-    "MLLM", "CheckpointNotFoundError", "Encoding", "ExtraTokens", "Generation", "ImageFrame", "ImageLoadError",
-    "KeepSetError", "LayerContext", "LayerPruning", "LayerSelection", "MLLMError", "ModelAdapter", "PositionPolicy",
-    "PromptBatch", "PromptError", "UnsupportedModelError", "VisualLayout", "build_prompt", "build_prompt_batch",
-    "encode", "encode_pixels", "generate", "load", "load_image", "merge_generations", "next_position_id",
-    "position_ids", "register_adapter", "sequence_position_ids", "supported_model_types",
+    "MLLM", "AnswerAttention", "CheckpointNotFoundError", "Encoding", "ExtraTokens", "Generation", "ImageFrame",
+    "ImageLoadError", "KeepSetError", "LayerContext", "LayerPruning", "LayerSelection", "MLLMError", "ModelAdapter",
+    "PositionPolicy", "PromptBatch", "PromptError", "UnsupportedModelError", "VisualLayout", "answer_attention",
+    "build_prompt", "build_prompt_batch", "encode", "encode_pixels", "generate", "load", "load_image",
+    "merge_generations", "next_position_id", "position_ids", "register_adapter", "sequence_position_ids",
+    "supported_model_types",
 ]

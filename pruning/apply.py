@@ -15,6 +15,7 @@ Merged tokens sit at their host's position (see `pruning.registry.Selection`).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -90,6 +91,28 @@ def feed_order(selection: Selection, positions: str) -> list[torch.Tensor]:
     return [row.cpu() if positions == "reassign" else row.sort().values.cpu() for row in selection.kept]
 
 
+@dataclass
+class Feed:
+    """What a pruned run feeds the LLM on a batch: `mllm.generate`'s encoding (merged features written in),
+    kept tokens in feed order, position policy and extra tokens."""
+
+    encoding: mllm.Encoding
+    keep: list[torch.Tensor] | None
+    policy: str
+    extra: mllm.ExtraTokens | None = None
+
+
+def pruned_feed(model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning, budget: Budget, positions: str,
+                *, selections: BatchSelections | None = None) -> Feed:
+    """`method`'s selection on a batch of one grid at `budget`, laid out for the LLM under `positions`."""
+    selection = (selections or select_tokens)(model, encoding, method, budget)
+    extra = None
+    if selection.extra is not None:
+        extra = mllm.ExtraTokens(selection.extra, selection.extra_anchors)
+    return Feed(with_merged_features(encoding, selection), feed_order(selection, positions), mllm_policy(positions),
+                extra)
+
+
 def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMethod | str, budget: Budget | str,
                    positions: str = "keep", *, selections: BatchSelections | None = None,
                    **generate_options: object) -> mllm.Generation:
@@ -101,21 +124,24 @@ def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMet
     method = make_method(method)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     policy = mllm_policy(positions)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for row, grid in enumerate(encoding.grids):
-        groups.setdefault(grid, []).append(row)
+    groups = grid_groups(encoding)
     if len(groups) > 1:  # native-resolution images: each grid is a batch of its own, budgeted on its own count
         parts = [(rows, prune_generate(model, encoding.subset(rows), method, budget, positions, **generate_options))
-                 for rows in groups.values()]
+                 for rows in groups]
         return mllm.merge_generations(parts, encoding.batch_size)
     if isinstance(method, LayerPruningMethod):
         pruning = method.layer_pruning(model, encoding, budget.num_kept(encoding.num_visual), policy)
         return mllm.generate(model, encoding, layer_pruning=pruning, **generate_options)
     if not isinstance(method, VisionPruning):
         raise TypeError(f"{method!r} is neither a VisionPruning nor a LayerPruningMethod")
-    selection = (selections or select_tokens)(model, encoding, method, budget)
-    extra = None
-    if selection.extra is not None:
-        extra = mllm.ExtraTokens(selection.extra, selection.extra_anchors)
-    return mllm.generate(model, with_merged_features(encoding, selection), keep=feed_order(selection, positions),
-                         policy=policy, extra=extra, **generate_options)
+    feed = pruned_feed(model, encoding, method, budget, positions, selections=selections)
+    return mllm.generate(model, feed.encoding, keep=feed.keep, policy=feed.policy, extra=feed.extra,
+                         **generate_options)
+
+
+def grid_groups(encoding: mllm.Encoding) -> list[list[int]]:
+    """The batch's rows grouped by their image's grid, in order of first appearance (one group when fixed)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, grid in enumerate(encoding.grids):
+        groups.setdefault(grid, []).append(row)
+    return list(groups.values())

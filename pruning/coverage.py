@@ -48,15 +48,14 @@ class CoverageError(ValueError):
     """A pruning directory this analysis cannot read: the message names the file and the field."""
 
 
-def box_cells(box: Sequence[float], image_size: Sequence[int], frame: str,
-              grid: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def box_cells(box: Sequence[float], frame: ImageFrame, grid: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Raster indices of the grid cells a pixel box overlaps, and the share of the box's area in each.
 
-    The grid tiles the frame the vision tower saw (`frame`: padded, original or cropped; see
-    `mllm.images.ImageFrame`); the part of a box outside it (a cropped frame's sides) lies in no cell.
+    The grid tiles the frame the vision tower saw (`frame`, the image's `mllm.images.ImageFrame`: padded,
+    original or cropped); the part of a box outside it (a cropped frame's sides) lies in no cell.
     """
     rows, cols = int(grid[0]), int(grid[1])
-    x1, y1, x2, y2 = ImageFrame.for_image(frame, int(image_size[0]), int(image_size[1])).to_normalized(box)
+    x1, y1, x2, y2 = frame.to_normalized(box)
     area = (x2 - x1) * (y2 - y1)
     if area <= 0:
         return np.zeros(0, dtype=int), np.zeros(0)
@@ -75,7 +74,8 @@ def referent_coverage(record: dict, frame: str) -> dict[str, float]:
     rows, cols = record["visual_grid"]
     kept = np.zeros(rows * cols, dtype=bool)
     kept[kept_indices(record["visual_kept"], rows * cols)] = True
-    cells, shares = box_cells(record["target"], record["image_size"], frame, (rows, cols))
+    width, height = record["image_size"]
+    cells, shares = box_cells(record["target"], ImageFrame.for_image(frame, width, height), (rows, cols))
     covered = kept[cells]
     return {"patch_coverage": float(covered.mean()) if len(cells) else float("nan"),
             "area_coverage": float(shares[covered].sum()) if len(cells) else float("nan"),

@@ -30,7 +30,7 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +39,7 @@ import mllm
 from grounding import Dataset, PromptStyle, default_style_for, prompt_style
 from grounding.records import write_atomic
 from grounding.runner import (
+    Annotate,
     Run,
     Shard,
     SweepPart,
@@ -58,7 +59,7 @@ from grounding.tasks import (
     task_datasets,
 )
 from mllm.specs import spec_slug
-from pruning.apply import POSITIONS, BatchSelections, feed_order, mllm_policy, prune_generate
+from pruning.apply import POSITIONS, BatchSelections, Feed, feed_order, mllm_policy, prune_generate, pruned_feed
 from pruning.budget import Budget
 from pruning.registry import LayerPruningMethod, PruningMethod, make_method, method_spec
 
@@ -100,8 +101,18 @@ def run_directory(out: Path, task: str, method: PruningMethod | None = None, bud
     return out / task / spec_slug(method_spec(method)) / budget / positions
 
 
+# A pruning feed as a function of the batch (see `pruning.apply.Feed`).
+FeedFunction = Callable[[mllm.MLLM, mllm.Encoding], Feed]
+# Makes a run's `Run.annotate` from what the run feeds the LLM (`pruning.attention` passes one).
+Annotator = Callable[[FeedFunction], Annotate]
+
+
+def unpruned_feed(model: mllm.MLLM, encoding: mllm.Encoding) -> Feed:
+    return Feed(encoding, None, "keep")
+
+
 def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, positions: str, *,
-               selections: BatchSelections, encode_options: dict) -> Run:
+               selections: BatchSelections, encode_options: dict, annotator: Annotator | None = None) -> Run:
     """A sweep run of `method` at `budget` under `positions`; its key says when it feeds what another run feeds."""
 
     def predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
@@ -116,7 +127,10 @@ def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, p
             return feed  # the bare kept tokens: the same as any run feeding them (the unpruned run, at 0%)
         return (method_spec(method), str(budget), feed)
 
-    return Run(out, config, predict, key, encode_options)
+    def fed(model: mllm.MLLM, encoding: mllm.Encoding) -> Feed:
+        return pruned_feed(model, encoding, method, budget, positions, selections=selections)
+
+    return Run(out, config, predict, key, encode_options, annotate=annotator(fed) if annotator else None)
 
 
 def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
@@ -142,12 +156,13 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
 
 def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
                   budgets: Sequence[Budget], out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"),
-                  style: PromptStyle | None = None, batch_size: int = 8,
-                  limit: int | None = None) -> list[SweepPart]:
+                  style: PromptStyle | None = None, batch_size: int = 8, limit: int | None = None,
+                  annotator: Annotator | None = None, extra_config: dict | None = None) -> list[SweepPart]:
     """Per task, the unpruned run and every (method, budget, policy) run, checked and ready for `run_sweep`.
 
     A batch is encoded once for every run, each (method, budget) selects once for all its policies, and
-    runs feeding the LLM the same tokens generate once.
+    runs feeding the LLM the same tokens generate once. `annotator` makes each run's `Run.annotate` from
+    what it feeds; `extra_config` goes into every run's config (what the annotations are).
     """
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
@@ -165,15 +180,17 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     parts = []
     for task, dataset in datasets.items():
         base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
-                          num_visual=model.num_visual_tokens if model.fixed_grid else None)
-        runs = [Run(run_directory(out, task), {**base, "method": UNPRUNED}, key=lambda _, encoding: feed_key(encoding))]
+                          num_visual=model.num_visual_tokens if model.fixed_grid else None, **(extra_config or {}))
+        runs = [Run(run_directory(out, task), {**base, "method": UNPRUNED}, key=lambda _, encoding: feed_key(encoding),
+                    annotate=annotator(unpruned_feed) if annotator else None)]
         for method, options in zip(methods, encode_options):
             for budget in dict.fromkeys(budget_label(method, b) for b in budgets):
                 parsed = Budget.parse(budget) if budget != "adaptive" else Budget(pruned=0.0)
                 for policy in positions:
                     config = {**base, "method": method_spec(method), "budget": budget, "positions": policy}
                     runs.append(pruned_run(run_directory(out, task, method, budget, policy), config, method, parsed,
-                                           policy, selections=selections, encode_options=options))
+                                           policy, selections=selections, encode_options=options,
+                                           annotator=annotator))
         parts.append(SweepPart(dataset, style, runs))
     return parts
 
@@ -210,18 +227,33 @@ def format_table(table: pd.DataFrame) -> str:
     return headline_table(table, index=["method", "budget"], columns=["task", "positions"])
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pruning.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and what to prune it with: --model, --methods, --ratios / --keep, --positions, --import."""
     parser.add_argument("--model", required=True, help="local checkpoint directory (anything mllm.load reads)")
     parser.add_argument("--methods", required=True, help="comma-separated methods, e.g. random,fastv:layer=3")
     parser.add_argument("--ratios", help="comma-separated fractions pruned, e.g. 0.25,0.5,0.75,0.9")
     parser.add_argument("--keep", help="comma-separated numbers of tokens kept, e.g. 64,144")
     parser.add_argument("--positions", default="reassign,keep", help=f"comma-separated, from {','.join(POSITIONS)}")
-    add_task_arguments(parser)
-    parser.add_argument("--out", required=True, type=Path, help="results directory, e.g. results/pruning/NAME")
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         help="a module to import first (one that registers your own methods)")
+
+
+def pruning_setup(args: argparse.Namespace) -> tuple[list[PruningMethod], list[Budget], list[str]]:
+    """The methods (after --import), budgets and position policies the arguments name."""
+    for module in args.imports:
+        importlib.import_module(module)
+    methods = [make_method(spec) for spec in split_method_specs(args.methods)]
+    budgets = parse_budget_list(args.ratios, args.keep)
+    positions = [policy for policy in args.positions.split(",") if policy]
+    return methods, budgets, positions
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pruning.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pruning_arguments(parser)
+    add_task_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="results directory, e.g. results/pruning/NAME")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     check_tasks(parser, args)
@@ -233,11 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pruning.figures import plot_pruning
 
     with reported_errors(args.out, ValueError, ImportError) as outcome:
-        for module in args.imports:
-            importlib.import_module(module)
-        methods = [make_method(spec) for spec in split_method_specs(args.methods)]
-        budgets = parse_budget_list(args.ratios, args.keep)
-        positions = [policy for policy in args.positions.split(",") if policy]
+        methods, budgets, positions = pruning_setup(args)
         datasets = task_datasets(args)
         shard = Shard.parse(args.shard)
         model = load_model(args)

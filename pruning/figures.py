@@ -137,3 +137,57 @@ def plot_coverage(table: pd.DataFrame, path: str | Path | None = None, *, full: 
         figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
         plt.close(figure)
     return figure
+
+
+def plot_attention(table: pd.DataFrame, gains: pd.DataFrame, path: str | Path | None = None, *,
+                   title: str | None = None) -> object:
+    """Top, a panel per (method, budget): the answer's share of visual attention on the referent per LLM
+    layer, unpruned and under each policy, with 95% CIs. Bottom, the same panel's runs: that share (layer
+    mean) on the samples the run gains over the unpruned model and on the others, under the run (filled)
+    and under the unpruned model on the same samples (hollow). Tables from `pruning.attention`."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    unpruned = table[table.method == "unpruned"].sort_values("layer")
+    panels = list(table[table.method != "unpruned"][["method", "budget"]].drop_duplicates().itertuples(
+        index=False, name=None)) or [("unpruned", "0")]
+    figure, axes = plt.subplots(2, len(panels), figsize=(3.0 * len(panels), 5.6), squeeze=False)
+    for column, (method, budget) in enumerate(panels):
+        top, bottom = axes[0][column], axes[1][column]
+        curves = [("unpruned", unpruned, {"color": "0.4", "marker": "D", "label": "unpruned"})]
+        curves += [(policy, table[(table.method == method) & (table.budget == budget) & (table.positions == policy)]
+                    .sort_values("layer"), style) for policy, style in POLICY_STYLES.items()]
+        for _, curve, style in curves:
+            if curve.empty:
+                continue
+            top.plot(curve.layer, curve.referent_of_visual, color=style["color"], marker=style["marker"], ms=3,
+                     lw=1, label=style["label"])
+            top.fill_between(curve.layer, curve.referent_of_visual_low, curve.referent_of_visual_high,
+                             color=style["color"], alpha=0.15, lw=0)
+        top.set_title(f"{method} {budget}", fontsize=9)
+        top.set_xlabel("LLM layer")
+        rows = gains[(gains.method == method) & (gains.budget == budget)]
+        for slot, row in enumerate(rows.itertuples()):
+            style = POLICY_STYLES.get(row.positions, {"color": "0.2"})
+            for value, low, high, filled in ((row.run, row.run_low, row.run_high, True),
+                                             (row.unpruned, row.unpruned_low, row.unpruned_high, False)):
+                x = slot + (0 if filled else 0.3)
+                bottom.errorbar([x], [value], yerr=[[value - low], [high - value]], fmt="o", color=style["color"],
+                                mfc=style["color"] if filled else "white", ms=4, capsize=2, lw=1)
+        bottom.set_xticks([slot + 0.15 for slot in range(len(rows))],
+                          [f"{r.positions}\n{r.group} n={r.n}" for r in rows.itertuples()], fontsize=6)
+    axes[0][0].set_ylabel("referent's share of\nvisual attention")
+    axes[1][0].set_ylabel("layer mean: run (filled),\nunpruned (hollow)")
+    axes[0][0].legend(fontsize=6)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    if path is not None:
+        path = Path(path)
+        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+        plt.close(figure)
+    return figure

@@ -13,6 +13,7 @@ import mllm
 from grounding.data import load_dataset
 from grounding.prompts import prompt_style
 from grounding.records import kept_indices, kept_mask, read_records, record_files
+from mllm.images import ImageFrame
 from pruning.apply import select_tokens
 from pruning.budget import Budget
 from pruning.coverage import box_cells, explain_gap, main, referent_coverage, run_coverage
@@ -37,17 +38,20 @@ def test_kept_masks_round_trip_and_refuse_tokens_outside_the_row():
         kept_indices("1f", 4)
 
 
+frame = ImageFrame.for_image
+
+
 def test_box_cells_share_the_box_among_the_cells_it_overlaps():
-    cells, shares = box_cells([0, 0, 8, 8], (64, 64), "padded", (8, 8))  # exactly cell 0
+    cells, shares = box_cells([0, 0, 8, 8], frame("padded", 64, 64), (8, 8))  # exactly cell 0
     assert cells.tolist() == [0] and shares.tolist() == [1.0]
-    cells, shares = box_cells([4, 8, 12, 16], (64, 64), "original", (8, 8))  # half of cells 8 and 9
+    cells, shares = box_cells([4, 8, 12, 16], frame("original", 64, 64), (8, 8))  # half of cells 8 and 9
     assert cells.tolist() == [8, 9] and np.allclose(shares, [0.5, 0.5])
     # A 64x32 image padded to 64x64 sits 16 px down: its top-left 8x8 pixels are the top of row 2.
-    cells, shares = box_cells([0, 0, 8, 8], (64, 32), "padded", (8, 8))
+    cells, shares = box_cells([0, 0, 8, 8], frame("padded", 64, 32), (8, 8))
     assert cells.tolist() == [16] and shares.tolist() == [1.0]
     # Cropped to its centre 32x32, a 64x32 image loses its sides: a box on the left edge lies in no cell.
-    assert box_cells([0, 0, 8, 8], (64, 32), "cropped", (8, 8))[0].size == 0
-    assert np.isclose(box_cells([3, 5, 50, 61], (64, 64), "padded", (8, 8))[1].sum(), 1.0)
+    assert box_cells([0, 0, 8, 8], frame("cropped", 64, 32), (8, 8))[0].size == 0
+    assert np.isclose(box_cells([3, 5, 50, 61], frame("padded", 64, 64), (8, 8))[1].sum(), 1.0)
 
 
 def test_referent_coverage_counts_patches_and_area():
