@@ -8,8 +8,11 @@ conventions: "▁" marks a word start, every digit is its own token, `<s>` is pr
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
@@ -128,3 +131,11 @@ def build_llava(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast) -> L
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def trained_with_current_init(checkpoint: str | Path) -> bool:
+    """Whether a miniature's LLM started at std hidden^-1/2 (the current recipe, `mllm.tiny`), as its
+    `config.json` records, rather than Hugging Face's 0.02 (the first shipped `spatial` miniature)."""
+    path = Path(checkpoint) / "config.json"
+    text = json.loads(path.read_text())["text_config"]
+    return math.isclose(text["initializer_range"], text["hidden_size"] ** -0.5, rel_tol=1e-6)

@@ -191,3 +191,47 @@ def plot_attention(table: pd.DataFrame, gains: pd.DataFrame, path: str | Path | 
         figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
         plt.close(figure)
     return figure
+
+
+TOWER_COLORS = ("tab:blue", "tab:purple", "tab:brown", "tab:olive")
+
+
+def plot_recovery(tables: dict[str, pd.DataFrame], path: str | Path | None = None, *,
+                  methods: Sequence[str] | None = None, paper: float | None = None, title: str | None = None) -> object:
+    """A panel per method: the share of renumbering's loss GAP gives back against the fraction pruned, one
+    line per model (`tables`: name -> `pruning.recovery.gap_recovery`'s table), with 95% CIs; `paper` marks
+    a quoted reference at 50%."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    present = list(dict.fromkeys(m for table in tables.values() for m in table.method))
+    methods = [m for m in methods if m in present] if methods else present
+    figure, axes = plt.subplots(1, len(methods), figsize=(2.9 * len(methods), 2.9), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for color, (name, table) in zip(TOWER_COLORS, tables.items()):
+            rows = table[(table.method == method) & (table.budget != "adaptive")].copy()
+            rows["pruned"] = rows.budget.astype(float)
+            rows = rows.sort_values("pruned")
+            ax.errorbar(rows.pruned, rows.given_back, yerr=[rows.given_back - rows.given_back_low,
+                                                            rows.given_back_high - rows.given_back],
+                        color=color, marker="o", ms=4, capsize=2, lw=1, label=name)
+        if paper is not None:
+            ax.plot([0.5], [paper], marker="*", color="black", ms=8, ls="none", label="LLaVA-1.5-7B (paper)")
+        ax.axhline(1.0, color="0.6", ls=":", lw=1)
+        ax.axhline(0.0, color="0.6", lw=0.5)
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("fraction of visual tokens pruned")
+    axes[0][0].set_ylabel("share of the REC loss\nGAP gives back")
+    axes[0][0].legend(fontsize=6)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    if path is not None:
+        path = Path(path)
+        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+        plt.close(figure)
+    return figure

@@ -290,3 +290,14 @@ def test_the_card_names_the_file_and_field_of_a_record_from_another_split(tmp_pa
     with pytest.raises(ValueError, match=r"samples\.jsonl") as error:
         rec_against_objects(tmp_path / "split", run)
     assert field in str(error.value) and repr(record["id"]) in str(error.value)
+
+
+def test_the_current_recipe_is_read_from_the_config(trained, tmp_path):
+    from minillava.model import trained_with_current_init
+
+    out, _ = trained
+    assert trained_with_current_init(out)  # the LLM started at std hidden^-1/2
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["initializer_range"] = 0.02  # what the first shipped spatial miniature records
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert not trained_with_current_init(tmp_path)
