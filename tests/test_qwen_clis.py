@@ -111,3 +111,28 @@ def test_a_qwen2_5_vl_pixel_answer_is_read_in_the_resized_inputs_frame(qwen_dir,
         assert width * height <= 48 * 48 and width % 16 == 0 and height % 16 == 0
         assert record["input_size"] == [width, height]
         assert record["box"] == [0.0, 0.0, *map(float, record["image_size"])]  # the whole input: the whole image
+
+
+def test_coverage_and_attention_run_on_qwen_with_rows_of_different_grids(qwen_dir, rec_data, tmp_path):
+    from grounding.records import kept_indices, read_records, record_files
+    from pruning.attention import main as attention_main
+    from pruning.coverage import main as coverage_main
+
+    out = tmp_path / "attention"
+    assert run(attention_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--methods", "random,spatial",
+               "--ratios", "0.5", "--positions", "reassign,compact,keep", "--out", out, "--max-pixels", 64 * 64) == 0
+    config = json.loads((qwen_dir / "config.json").read_text())
+    layers = config.get("text_config", config)["num_hidden_layers"]
+    grids = set()
+    for run_dir in ("unpruned", "random/0.5/keep", "spatial/0.5/compact"):
+        for record in read_records(record_files(out / "rec" / run_dir)).values():
+            rows, cols = record["visual_grid"]
+            grids.add((rows, cols))
+            kept = kept_indices(record["visual_kept"], rows * cols)
+            assert record["num_visual_fed"] == len(kept) == record["attention"]["visual_tokens"]
+            assert len(record["attention"]["visual"]) == layers
+    assert len(grids) > 1  # rows of one batch on different grids, each pruned and measured on its own
+    assert coverage_main([str(out)]) == 0
+    summary = pd.read_csv(out / "coverage" / "coverage.csv")
+    assert set(summary.positions) == {"reassign", "compact", "keep"} and (summary.n == 6).all()
+    assert pd.read_csv(out / "attention.csv").referent_of_visual.notna().any()
