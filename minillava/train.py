@@ -314,6 +314,22 @@ def tower_from_checkpoint(config: TrainConfig, tokenizer: PreTrainedTokenizerFas
     return clip.eval()
 
 
+def check_tower_source(config: TrainConfig, work: Path) -> str | None:
+    """The sha256 of `--tower-from`'s weights, written to `work` on the first start and checked on every resume:
+    a source directory replaced meanwhile (by the new miniature, say) would give the card another tower's digest."""
+    weights = Path(config.tower_from) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    recorded = work / "tower_from.sha256"
+    started = recorded.read_text().strip() if recorded.is_file() else digest
+    if started != digest:
+        raise SystemExit(f"{weights}: not the file this run started from (sha256 {started[:16]}... in {recorded}, "
+                         f"{digest[:16]}... now); point --tower-from at the original checkpoint")
+    recorded.write_text(digest + "\n")
+    return digest
+
+
 # -------------------------------------------------------------------------------------- stage 2
 @dataclass
 class Instructions:
@@ -488,8 +504,7 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
     if config.tower_from and Path(config.tower_from).resolve() == out.resolve():
         raise SystemExit(f"--out {out} is the --tower-from checkpoint; write the new miniature elsewhere")
     if config.tower_from:
-        weights = Path(config.tower_from) / "model.safetensors"
-        tower_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
+        tower_sha256 = check_tower_source(config, work)
         clip = tower_from_checkpoint(config, tokenizer, work, log)
     else:
         clip = train_tower(config, tokenizer, work, log, device=device, progress=progress)

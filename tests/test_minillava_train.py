@@ -217,6 +217,13 @@ def test_stage_2_from_a_tower_trained_otherwise_is_refused(trained, tmp_path):
         training.train(tiny_config(tower_from=str(tmp_path)), tmp_path / "model", tmp_path / "w2", progress=False)
     with pytest.raises(SystemExit, match="is the --tower-from checkpoint"):
         training.train(tiny_config(tower_from=str(out)), out, tmp_path / "w3", progress=False)
+    source = shutil.copytree(out, tmp_path / "source")  # a run from a copy, whose weights then change
+    training.train(tiny_config(tower_from=str(source), stage2_steps=10), tmp_path / "m5", tmp_path / "w5",
+                   progress=False)
+    (source / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes() + b" ")
+    with pytest.raises(SystemExit, match="not the file this run started from"):
+        training.train(tiny_config(tower_from=str(source), stage2_steps=10), tmp_path / "m5", tmp_path / "w5",
+                       progress=False)
     with pytest.raises(SystemExit, match="cannot be given with --stage1-only"):
         training.train(tiny_config(tower_from=str(out)), tmp_path / "model", tmp_path / "w4", progress=False,
                        stage1_only=True)
