@@ -67,9 +67,7 @@ def bootstrap_intervals(columns: dict[str, np.ndarray], *, resamples: int = 1000
     if not names or len(columns[names[0]]) == 0:
         return {name: (float("nan"), float("nan")) for name in names}
     means = bootstrap_means(columns, resamples=resamples, seed=seed)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
-    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+    return {name: percentile_interval(means[:, i], level) for i, name in enumerate(names)}
 
 
 def summarize_scores(columns: dict[str, np.ndarray], *, resamples: int = 1000, seed: int = 0) -> dict[str, dict]:

@@ -80,6 +80,11 @@ def read_records(paths: Iterable[Path]) -> dict[int, dict]:
     return records
 
 
+def scored_records(out: Path) -> dict[int, dict]:
+    """A run directory's records (every shard's) of the samples that were scored: those without an `error`."""
+    return {index: record for index, record in read_records(record_files(out)).items() if record.get("error") is None}
+
+
 def append_records(path: Path, records: Iterable[dict]) -> None:
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     with path.open("a", encoding="utf-8") as file:

@@ -34,9 +34,10 @@ import numpy as np
 import pandas as pd
 
 import mllm
+from grounding import Dataset, PromptStyle
 from grounding.data import Sample
 from grounding.metrics import bootstrap_means, percentile_interval
-from grounding.records import read_records, record_files, write_atomic
+from grounding.records import scored_records, write_atomic
 from grounding.runner import Annotate, Shard, run_sweep
 from grounding.tasks import add_run_arguments, add_task_arguments, finishing_shard, load_model, reported_errors
 from pruning.apply import grid_groups
@@ -86,8 +87,8 @@ def attention_shares(attention: mllm.AnswerAttention, box: Sequence[float], fram
             "steps": int(attention.weights.shape[1])}
 
 
-def run_attention(model: mllm.MLLM, dataset: object, methods: Sequence[PruningMethod], budgets: Sequence[Budget],
-                  out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"), style: object = None,
+def run_attention(model: mllm.MLLM, dataset: Dataset, methods: Sequence[PruningMethod], budgets: Sequence[Budget],
+                  out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"), style: PromptStyle | None = None,
                   batch_size: int = 8, limit: int | None = None, shard: Shard | None = None, resamples: int = 1000,
                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """The attention sweep on a REC dataset into `out`; the two tables once every run is complete."""
@@ -110,9 +111,7 @@ def attention_records(out: str | Path) -> pd.DataFrame:
     rows = []
     for config_file in sorted((Path(out) / "rec").glob("**/config.json")):
         config = json.loads(config_file.read_text())
-        for index, record in read_records(record_files(config_file.parent)).items():
-            if record.get("error") is not None:
-                continue
+        for index, record in scored_records(config_file.parent).items():
             if "attention" not in record:
                 raise ValueError(f"{config_file.parent}/samples.jsonl: sample {index} has no field 'attention' "
                                  "(not written by pruning.attention)")

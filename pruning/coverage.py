@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from grounding.metrics import bootstrap_means, percentile_interval
-from grounding.records import kept_indices, read_records, record_files, write_atomic
+from grounding.records import kept_indices, scored_records, write_atomic
 from mllm.images import ImageFrame
 
 SUMMARY_COLUMNS = ("method", "budget", "positions", "n", "n_full", "acc_unpruned", "acc", "gap", "gap_low",
@@ -87,8 +87,7 @@ def _run_records(run: Path) -> tuple[dict, dict[int, dict]]:
     if not config_file.is_file():
         raise CoverageError(f"{config_file}: missing (not a grounding run directory)")
     config = json.loads(config_file.read_text())
-    records = {index: record for index, record in read_records(record_files(run)).items()
-               if record.get("error") is None}
+    records = scored_records(run)
     for index, record in records.items():
         for name in ("visual_grid", "visual_kept"):
             if name not in record:

@@ -15,6 +15,32 @@ POLICY_STYLES = {"keep": {"color": "tab:green", "marker": "o", "label": "keep (G
                  "reassign-raster": {"color": "tab:orange", "marker": "^", "label": "reassign (raster order)"}}
 
 
+def _pyplot(path: str | Path | None) -> object:
+    """matplotlib's pyplot, on the file-only Agg backend when the figure goes to a file."""
+    import matplotlib
+
+    if path is not None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(figure: object, path: str | Path | None, title: str | None) -> object:
+    """Title and lay out `figure`; with a `path`, save it as PNG and PDF beside each other and close it."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    if path is not None:
+        path = Path(path)
+        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
+        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+        plt.close(figure)
+    return figure
+
+
 def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = None, *,
                  tasks: tuple[str, ...] = ("rec", "vqa"), methods: Sequence[str] | None = None,
                  title: str | None = None) -> object:
@@ -26,11 +52,7 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
     25%; SparseVLM's budget is this average already). The unpruned model is the dotted line in every
     panel and the first point of every curve.
     """
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
     import seaborn as sns
 
     data = pd.read_csv(table) if isinstance(table, (str, Path)) else table.copy()
@@ -63,15 +85,7 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
         axes[row][0].set_ylabel(f"{task.upper()} {HEADLINE[task]}")
     axes[0][0].set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=7)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    if path is not None:
-        path = Path(path)
-        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-        plt.close(figure)
-    return figure
+    return _finish(figure, path, title)
 
 
 def coverage_bins(coverage: pd.Series, full: float = 1.0) -> pd.Series:
@@ -89,11 +103,7 @@ def plot_coverage(table: pd.DataFrame, path: str | Path | None = None, *, full: 
     """A panel per (method, budget): REC accuracy against how much of the referent was kept, for the
     unpruned model on the same samples and for each position policy, with 95% bootstrap CIs; the
     samples per bin under each axis label. `table` is `pruning.coverage.coverage_table`'s."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     from grounding.metrics import bootstrap_intervals
 
@@ -128,15 +138,7 @@ def plot_coverage(table: pd.DataFrame, path: str | Path | None = None, *, full: 
     axes[0][0].set_ylabel("REC accuracy (IoU >= threshold)")
     axes[0][0].set_ylim(-0.02, 1.02)
     axes[0][0].legend(fontsize=6)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    if path is not None:
-        path = Path(path)
-        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-        plt.close(figure)
-    return figure
+    return _finish(figure, path, title)
 
 
 def plot_attention(table: pd.DataFrame, gains: pd.DataFrame, path: str | Path | None = None, *,
@@ -145,11 +147,7 @@ def plot_attention(table: pd.DataFrame, gains: pd.DataFrame, path: str | Path | 
     layer, unpruned and under each policy, with 95% CIs. Bottom, the same panel's runs: that share (layer
     mean) on the samples the run gains over the unpruned model and on the others, under the run (filled)
     and under the unpruned model on the same samples (hollow). Tables from `pruning.attention`."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     unpruned = table[table.method == "unpruned"].sort_values("layer")
     panels = list(table[table.method != "unpruned"][["method", "budget"]].drop_duplicates().itertuples(
@@ -182,15 +180,7 @@ def plot_attention(table: pd.DataFrame, gains: pd.DataFrame, path: str | Path | 
     axes[0][0].set_ylabel("referent's share of\nvisual attention")
     axes[1][0].set_ylabel("layer mean: run (filled),\nunpruned (hollow)")
     axes[0][0].legend(fontsize=6)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    if path is not None:
-        path = Path(path)
-        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-        plt.close(figure)
-    return figure
+    return _finish(figure, path, title)
 
 
 TOWER_COLORS = ("tab:blue", "tab:purple", "tab:brown", "tab:olive")
@@ -201,11 +191,7 @@ def plot_recovery(tables: dict[str, pd.DataFrame], path: str | Path | None = Non
     """A panel per method: the share of renumbering's loss GAP gives back against the fraction pruned, one
     line per model (`tables`: name -> `pruning.recovery.gap_recovery`'s table), with 95% CIs; `paper` marks
     a quoted reference at 50%."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     present = list(dict.fromkeys(m for table in tables.values() for m in table.method))
     methods = [m for m in methods if m in present] if methods else present
@@ -226,12 +212,4 @@ def plot_recovery(tables: dict[str, pd.DataFrame], path: str | Path | None = Non
         ax.set_xlabel("fraction of visual tokens pruned")
     axes[0][0].set_ylabel("share of the REC loss\nGAP gives back")
     axes[0][0].legend(fontsize=6)
-    if title:
-        figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    if path is not None:
-        path = Path(path)
-        figure.savefig(path.with_suffix(".png"), dpi=150, bbox_inches="tight")
-        figure.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-        plt.close(figure)
-    return figure
+    return _finish(figure, path, title)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from grounding.metrics import bootstrap_means, percentile_interval
-from grounding.records import read_records, record_files
+from grounding.records import scored_records
 
 COLUMNS = ("method", "budget", "n", "unpruned", "reassign", "keep", "given_back", "given_back_low",
            "given_back_high", "keep_minus_unpruned", "keep_minus_unpruned_low", "keep_minus_unpruned_high",
@@ -32,11 +32,8 @@ COLUMNS = ("method", "budget", "n", "unpruned", "reassign", "keep", "given_back"
 
 def sample_scores(run: Path, task: str, threshold: float = 0.5) -> dict[int, float]:
     """Each scored sample's hit in a run directory: IoU >= `threshold` for REC, the exact match for VQA."""
-    scores = {}
-    for index, record in read_records(record_files(run)).items():
-        if record.get("error") is None:
-            scores[index] = float(record["iou"] >= threshold) if task == "rec" else float(record["correct"])
-    return scores
+    return {index: float(record["iou"] >= threshold) if task == "rec" else float(record["correct"])
+            for index, record in scored_records(run).items()}
 
 
 def gap_recovery(out: str | Path, *, task: str = "rec", threshold: float = 0.5, resamples: int = 1000,

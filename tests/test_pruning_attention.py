@@ -112,3 +112,13 @@ def test_in_llm_methods_and_vqa_alone_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*arguments, "--methods", "random", "--tasks", "vqa", "--out", str(tmp_path / "b")])
     assert "REC only" in capsys.readouterr().err
+
+
+def test_records_without_attention_are_named_by_file_and_sample(tmp_path):
+    from test_pruning_coverage import constructed_pruning_dir
+
+    from pruning.attention import attention_records
+
+    out = constructed_pruning_dir(tmp_path / "run", lambda rng, fully: False, samples=3)  # pruning records only
+    with pytest.raises(ValueError, match=r"samples\.jsonl: sample 0 has no field 'attention'"):
+        attention_records(out)

@@ -176,3 +176,12 @@ def test_the_cli_splits_the_miniatures_loss_by_coverage(miniature_run, capsys):
         assert expected.explained == pytest.approx(row.explained, nan_ok=True)
     assert (miniature_run / "coverage" / "coverage.png").stat().st_size > 0
     assert "explained" in capsys.readouterr().out
+
+
+def test_a_directory_without_the_unpruned_run_or_a_runs_config_is_named(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert f"{tmp_path / 'rec' / 'unpruned'}: missing" in capsys.readouterr().err
+    out = constructed_pruning_dir(tmp_path / "run", lambda rng, fully: False, samples=5)
+    (out / "rec" / "unpruned" / "config.json").unlink()
+    assert main([str(out)]) == 2
+    assert f"{out / 'rec' / 'unpruned' / 'config.json'}: missing" in capsys.readouterr().err
