@@ -14,6 +14,7 @@ import mllm
 from grounding.data import load_dataset
 from grounding.prompts import default_style_for
 from grounding.runner import run_evaluation
+from minillava.model import trained_with_current_init
 
 TOWERS = ("spatial", "contrastive")
 SUBSET = 96
@@ -46,6 +47,13 @@ def test_card_reports_the_measured_evaluation(shipped):
     assert f"{vqa['metrics']['accuracy']['value']:.3f}" in card
     assert rec["metrics"]["acc@0.5"]["value"] >= 0.7
     assert vqa["metrics"]["accuracy"]["value"] >= 0.9
+
+
+def test_shipped_miniature_was_trained_with_the_current_init(shipped):
+    # The card's reproduce command rebuilds the shipped weights only if they came from today's recipe.
+    assert trained_with_current_init(shipped)
+    training = json.loads((shipped / "training.json").read_text())
+    assert training["config"]["stage2_steps"] == 16000
 
 
 @pytest.mark.parametrize("task", ["rec", "vqa"])
