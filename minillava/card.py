@@ -28,6 +28,7 @@ from grounding.prompts import default_style_for
 from grounding.records import MERGED, read_records
 from grounding.runner import run_evaluation
 from grounding.summary import summarize
+from minillava.arch import QWEN_SCENE_SIZES, architecture
 from minillava.split import scene_seed_of
 from minillava.train import TrainConfig
 from minillava.world import make_scene
@@ -130,43 +131,87 @@ def _metric(metrics: dict, name: str) -> str:
     return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _llava_parts(vision: dict, text: dict) -> dict[str, str]:
+    grid = vision["image_size"] // vision["patch_size"]
+    return {
+        "what": "A miniature LLaVA-1.5 trained on the toolkit's synthetic world (`minillava.world`), in the llava-hf "
+                "layout: load it with `mllm.load` like any LLaVA checkpoint.",
+        "vision": f"- Vision: CLIP ViT, {vision['image_size']} px, patch {vision['patch_size']} ({grid}x{grid} = "
+                  f"{grid * grid} visual tokens), hidden {vision['hidden_size']}, {vision['num_hidden_layers']} "
+                  "layers, learned absolute position embeddings; features from the penultimate layer, CLS dropped.",
+        "projector": "- Projector: 2-layer MLP (GELU).",
+        "llm": f"- LLM: Llama, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
+               f"{text['num_attention_heads']} heads, RoPE; vocabulary {text['vocab_size']} (BPE on the world's "
+               "text, one token per digit).",
+        "trained": "Projector + LLM, tower frozen",
+        "faithful": "LLaVA's architecture and recipe, not to its scale",
+        "sizes": "one image size",
+    }
+
+
+def _qwen_parts(vision: dict, text: dict, checkpoint: Path) -> dict[str, str]:
+    processor = json.loads((checkpoint / "preprocessor_config.json").read_text())
+    pixels = processor.get("size", {})
+    side = vision["patch_size"] * vision["spatial_merge_size"]
+    sections = text.get("rope_parameters", {}).get("mrope_section")
+    heads = f"{text['num_attention_heads']} heads ({text['num_key_value_heads']} key-value)"
+    return {
+        "what": "A miniature Qwen2-VL trained on the toolkit's synthetic world (`minillava.world`), in the Hugging "
+                "Face layout of `Qwen/Qwen2-VL-2B-Instruct`: load it with `mllm.load` like any Qwen2-VL checkpoint.",
+        "vision": f"- Vision: Qwen2-VL's ViT, patch {vision['patch_size']}, 2-D RoPE and no position embedding, no "
+                  f"CLS; hidden {vision['embed_dim']}, {vision['depth']} layers; native resolution (images resized "
+                  f"to multiples of {side} px within {pixels.get('shortest_edge')}-{pixels.get('longest_edge')} "
+                  f"pixels): one visual token per {side}x{side} pixels, a 64 px scene gives "
+                  f"{(64 // side) ** 2}.",
+        "projector": f"- Projector: Qwen2-VL's {vision['spatial_merge_size']}x{vision['spatial_merge_size']} patch "
+                     "merger (LayerNorm, 2-layer MLP).",
+        "llm": f"- LLM: Qwen2, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, {heads}, "
+               f"M-RoPE (t, h, w sections {sections}); vocabulary {text['vocab_size']} (BPE on the world's text, "
+               "one token per digit, Qwen's special tokens).",
+        "trained": "Merger + LLM, ViT frozen",
+        "faithful": "Qwen2-VL's architecture and to LLaVA's two-stage recipe, not to their scale",
+        "sizes": "square scenes only",
+    }
+
+
 def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
     training = json.loads((checkpoint / "training.json").read_text())
     config, seconds = training["config"], training["seconds"]
     model_config = json.loads((checkpoint / "config.json").read_text())
     vision, text = model_config["vision_config"], model_config["text_config"]
+    arch = architecture(config.get("arch", "llava"))
+    parts = _llava_parts(vision, text) if arch.name == "llava" else _qwen_parts(vision, text, checkpoint)
+    style = default_style_for(model_config["model_type"])
+    scenes = ("" if arch.name == "llava" else
+              f" Scenes of {', '.join(map(str, QWEN_SCENE_SIZES[config['preset']]))} px, in turn.")
     log_file = checkpoint / "training_log.csv"
     log = list(csv.DictReader(log_file.open())) if log_file.is_file() else []
     last = {row["stage"]: float(row["loss"]) for row in log}
     rec, vqa = evaluation["rec"], evaluation["vqa"]
-    tower = ("contrastive on position-free captions" if config["tower"] == "contrastive" else
+    tower = ("contrastive on position-free captions" + ("" if arch.name == "llava" else " (the mean of its patches)")
+             if config["tower"] == "contrastive" else
              f"contrastive + spatial regulariser (weight {config['spatial_weight']}: a linear read-out of each "
              "patch's index from the last two layers)")
-    grid = vision["image_size"] // vision["patch_size"]
+    title = config["tower"] if arch.name == "llava" else f"{arch.name} ({config['tower']} tower)"
     lines = [
-        f"# minillava-{config['tower']}",
+        f"# minillava-{title}",
         "",
-        "A miniature LLaVA-1.5 trained on the toolkit's synthetic world (`minillava.world`), in the llava-hf "
-        "layout: load it with `mllm.load` like any LLaVA checkpoint.",
+        parts["what"],
         "",
         "## Architecture",
-        f"- Vision: CLIP ViT, {vision['image_size']} px, patch {vision['patch_size']} ({grid}x{grid} = "
-        f"{grid * grid} visual tokens), hidden {vision['hidden_size']}, {vision['num_hidden_layers']} layers, "
-        "learned absolute position embeddings; features from the penultimate layer, CLS dropped.",
-        "- Projector: 2-layer MLP (GELU).",
-        f"- LLM: Llama, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
-        f"{text['num_attention_heads']} heads, RoPE; vocabulary {text['vocab_size']} (BPE on the world's text, "
-        "one token per digit).",
+        parts["vision"],
+        parts["projector"],
+        parts["llm"],
         "",
         "## Training",
         f"- Vision tower: {tower}; {config['stage1_steps']} steps x {config['stage1_batch']} scenes, "
         f"lr {config['stage1_lr']}; {seconds.get('stage1', 0) / 60:.1f} min." + _tower_source(config, training),
-        "- Projector + LLM, tower frozen: REC + VQA instructions worded as the `llava-1.5` prompt style, and "
+        f"- {parts['trained']}: REC + VQA instructions worded as the `{style.name}` prompt style, and "
         "captions" + _training_only(config)
         + "; loss on answers only (a token mean within each task, the tasks weighted by their share of the batch); "
         f"{config['stage2_steps']} steps x {config['stage2_batch']} queries, {stage2_schedule(config)}, from "
         f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "
-        f"{seconds.get('stage2', 0) / 60:.1f} min.",
+        f"{seconds.get('stage2', 0) / 60:.1f} min." + scenes,
         f"- Device: {training['device']}; precision {config['precision']}; seed {config['seed']}; preset "
         f"`{config['preset']}` ({PRESET_MEANING.get(config['preset'], 'custom')}); torch {training['torch']}.",
         f"- Final training loss: stage 1 {last.get('stage1', float('nan')):.3f}, stage 2 "
@@ -175,7 +220,7 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "",
         f"## Evaluation on `{eval_data}` (shipped split, scenes never seen in training)",
         f"Measured with `python -m minillava.card {checkpoint} --eval-data {eval_data} --write-card` (greedy decoding, "
-        "prompt style `llava-1.5`, 95% bootstrap intervals).",
+        f"prompt style `{style.name}`, 95% bootstrap intervals).",
         "",
         "| task | n | metric | value [95% CI] |",
         "|---|---|---|---|",
@@ -197,9 +242,8 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
             lines.append(f"| {task.upper()} | {kind} | {metrics[metric]['n']} | {metric} | "
                          f"{metrics[metric]['value']:.3f} | {baselines} |")
     lines += ["", "## Limitations",
-              "A toy: coloured shapes on a textured background, a closed vocabulary, one image size. It is "
-              "faithful to LLaVA's architecture and recipe, not to its scale; use it to run analyses fast, and "
-              "confirm on real checkpoints."]
+              f"A toy: coloured shapes on a textured background, a closed vocabulary, {parts['sizes']}. It is "
+              f"faithful to {parts['faithful']}; use it to run analyses fast, and confirm on real checkpoints."]
     near_chance = [kind for kind, metrics in evaluation["rec"]["by_kind"].items()
                    if kind in chance and metrics["acc@0.5"]["value"] < chance[kind] + 0.05]
     if near_chance:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from minillava.world import (
     where_questions,
 )
 from mllm.tiny import IMAGE_TOKEN, SPECIAL_TOKENS, TinyLlavaConfig, tiny_llava_config
+from mllm.tiny_qwen import QWEN_SPECIAL_TOKENS, UNK_TOKEN
 
 PRESETS = {
     # The prototype's size, trainable on a 2-core CPU in under an hour per miniature.
@@ -62,47 +64,69 @@ REGION_PROMPT = "Please provide a short description for this region:"
 TRAINING_ONLY_TASKS = ("where", "region")
 
 
-def instruction_texts(seed: int, size: int) -> list[tuple[str, str, str]]:
+def instruction_texts(seed: int, size: int, style: str = "llava-1.5") -> list[tuple[str, str, str]]:
     """(task, user text, answer) for every query about one scene.
 
-    REC and VQA are worded as the llava-1.5 prompt style asks at evaluation; captions, LLaVA's
+    REC and VQA are worded as prompt style `style` asks at evaluation, boxes in its format; captions, LLaVA's
     alignment data, name what the image holds and never where. "where" questions and region
     descriptions (a box in, "the red circle" out) are for training only: "where" is drawn from its own
     random stream and regions use none, so the other queries do not depend on them.
     """
-    style = prompt_style("llava-1.5")
+    style = prompt_style(style)
     scene, rng = make_scene(seed, size), random.Random(seed)
-    items = [("rec", style.text("rec", ref.text), box_answer(scene.objects[ref.target].box, size))
+    items = [("rec", style.text("rec", ref.text), box_answer(scene.objects[ref.target].box, size, style.box_format))
              for ref in referring_expressions(scene, rng)]
     items += [("vqa", style.text("vqa", q.text), q.answer) for q in vqa_questions(scene, rng)]
     items.append(("caption", CAPTION_PROMPT, caption(scene, rng)))
     items += [("where", style.text("vqa", q.text), q.answer) for q in where_questions(scene, random.Random(seed + 7))]
-    items += [("region", f"{REGION_PROMPT} {box_answer(obj.box, size)}", Description(obj.color, obj.shape).text())
+    items += [("region", f"{REGION_PROMPT} {box_answer(obj.box, size, style.box_format)}",
+               Description(obj.color, obj.shape).text())
               for obj in scene.objects]
     return items
 
 
-def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7) -> list[str]:
+def world_corpus(count: int = 400, size: int = 64, seed: int = 10**7, style: str = "llava-1.5") -> list[str]:
     """Text the tokenizer is trained on: every evaluated instruction in the chat wording, with its answer.
 
     The training-only "where" and region queries are left out, so adding them did not change the vocabulary.
+    Special tokens in the text (Qwen's box and reference markers) are dropped: they are tokens already.
     """
-    return [f"USER: \n{text} ASSISTANT: {answer}" for scene_seed in range(seed, seed + count)
-            for task, text, answer in instruction_texts(scene_seed, size) if task not in TRAINING_ONLY_TASKS]
+    if style == "llava-1.5":
+        return [f"USER: \n{text} ASSISTANT: {answer}" for scene_seed in range(seed, seed + count)
+                for task, text, answer in instruction_texts(scene_seed, size) if task not in TRAINING_ONLY_TASKS]
+    return [_SPECIAL.sub("", f"user\n{text}\nassistant\n{answer}") for scene_seed in range(seed, seed + count)
+            for task, text, answer in instruction_texts(scene_seed, size, style) if task not in TRAINING_ONLY_TASKS]
 
 
-def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """BPE over the world's text; any printable ASCII still encodes, character by character."""
+_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
+
+
+def build_tokenizer(vocab_size: int = 384, style: str = "llava-1.5") -> PreTrainedTokenizerFast:
+    """BPE over the world's text, worded as prompt style `style`; any printable ASCII still encodes.
+
+    For `llava-1.5` it has Llama's conventions: "▁" marks a word start, every digit is its own token, `<s>` is
+    prepended. For `qwen2-vl` it has Qwen's special tokens and prepends nothing; a newline is a token of its
+    own, so a prompt's tokens stay a prefix of prompt + answer.
+    """
+    qwen = style != "llava-1.5"
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    splits = [pre_tokenizers.Split("\n", behavior="isolated")] if qwen else []
+    prepend = "never" if qwen else "first"
     backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        *splits,
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend),
         pre_tokenizers.Digits(individual_digits=True),
     ])
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend)
     alphabet = [chr(code) for code in range(32, 127)] + ["\n", "▁"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, IMAGE_TOKEN],
+    specials = [UNK_TOKEN, *QWEN_SPECIAL_TOKENS] if qwen else [*SPECIAL_TOKENS, IMAGE_TOKEN]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=alphabet, show_progress=False)
-    backend.train_from_iterator(world_corpus(), trainer)
+    backend.train_from_iterator(world_corpus(style=style), trainer)
+    if qwen:  # Qwen's conventions (mllm.tiny_qwen): pad <|endoftext|>, eos <|im_end|>, nothing prepended
+        return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       unk_token=UNK_TOKEN, additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+                                       padding_side="left")
     bos = backend.token_to_id("<s>")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
@@ -111,18 +135,19 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def clip_text_config(tokenizer: PreTrainedTokenizerFast, text: TextTowerConfig, projection_dim: int) -> dict:
+    return {"vocab_size": len(tokenizer), "hidden_size": text.hidden, "intermediate_size": 4 * text.hidden,
+            "num_hidden_layers": text.layers, "num_attention_heads": text.heads,
+            "max_position_embeddings": text.max_length, "projection_dim": projection_dim,
+            "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
 def build_clip(sizes: TinyLlavaConfig, tokenizer: PreTrainedTokenizerFast, text: TextTowerConfig) -> CLIPModel:
     """A CLIP whose vision tower is exactly the LLaVA's (same config), ready for contrastive training."""
     vision = tiny_llava_config(sizes, tokenizer).vision_config.to_dict()
-    config = CLIPConfig(
-        vision_config=vision,
-        text_config={"vocab_size": len(tokenizer), "hidden_size": text.hidden, "intermediate_size": 4 * text.hidden,
-                     "num_hidden_layers": text.layers, "num_attention_heads": text.heads,
-                     "max_position_embeddings": text.max_length, "projection_dim": sizes.vision_hidden,
-                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id},
-        projection_dim=sizes.vision_hidden,
-    )
+    config = CLIPConfig(vision_config=vision, text_config=clip_text_config(tokenizer, text, sizes.vision_hidden),
+                        projection_dim=sizes.vision_hidden)
     return CLIPModel(config)
 
 

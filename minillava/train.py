@@ -4,8 +4,13 @@
     python -m minillava.train --tower spatial --out data/minillava/spatial --preset gpu --device cuda
 
     python -m minillava.train --tower spatial --tower-from data/minillava/spatial --out spatial-v2  # new stage 2
+    python -m minillava.train --arch qwen2-vl --stage1-batch 64 --out data/minillava/qwen2-vl
 
-Stage 1 trains a small CLIP contrastively on position-free captions (`--tower spatial` adds a small
+`--arch` picks the miniature's architecture (`minillava.arch`): `llava` (LLaVA-1.5: CLIP ViT, MLP projector,
+Llama) or `qwen2-vl` (Qwen2-VL: a native-resolution ViT with 2-D RoPE, its 2x2 merger, a Qwen2 LLM with
+M-RoPE; scenes at several sizes, answers in Qwen2-VL's box format). The recipe is the same for both.
+
+Stage 1 trains the ViT contrastively on position-free captions (`--tower spatial` adds a small
 loss that keeps patch position linearly decodable in the tower's last two layers). Stage 2 freezes
 the vision tower and trains projector + Llama on REC and VQA instructions and captions, worded as the
 `llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only. Each stage logs
@@ -33,16 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
-from transformers import CLIPModel, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import LlavaForConditionalGeneration, PreTrainedModel, PreTrainedTokenizerFast
 
+from minillava.arch import ARCHITECTURES, Architecture, architecture, of_model
 from minillava.model import (
-    PRESETS,
     TRAINING_ONLY_TASKS,
     TextTowerConfig,
     build_clip,
-    build_llava,
-    build_tokenizer,
     instruction_texts,
 )
 from minillava.world import (
@@ -52,15 +56,9 @@ from minillava.world import (
     shape_variants,
 )
 from mllm.loading import resolve_device
-from mllm.prompts import build_prompt
-from mllm.tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
-    TinyLlavaConfig,
-    build_processor,
-    save_llava_checkpoint,
-    tiny_llava_config,
-)
+from mllm.prompts import build_prompt, image_token
+from mllm.tiny import TinyLlavaConfig, tiny_llava_config
+from mllm.tiny_qwen import TinyQwenConfig
 
 TOWERS = ("contrastive", "spatial")
 IGNORE = -100
@@ -70,6 +68,7 @@ TASKS = ("rec", "vqa", "caption", "where", "region")
 @dataclass
 class TrainConfig:
     tower: str = "contrastive"
+    arch: str = "llava"
     preset: str = "cpu"
     seed: int = 0
     device: str = "auto"
@@ -94,16 +93,18 @@ class TrainConfig:
     text_tower: TextTowerConfig = field(default_factory=TextTowerConfig)
 
     @property
-    def sizes(self) -> TinyLlavaConfig:
-        return PRESETS[self.preset]
+    def architecture(self) -> Architecture:
+        return architecture(self.arch)
+
+    @property
+    def sizes(self) -> TinyLlavaConfig | TinyQwenConfig:
+        return self.architecture.sizes(self.preset)
 
 
 # ------------------------------------------------------------------------------------ utilities
 def to_pixels(images: Sequence, device: torch.device | str = "cpu") -> torch.Tensor:
-    """CLIP normalisation of square RGB images already at the tower's size (what the processor does)."""
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0
-    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+    """CLIP normalisation of square RGB images already at the LLaVA tower's size (what the processor does)."""
+    return ARCHITECTURES["llava"].pixels(None, images, device)["pixel_values"]
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -138,8 +139,8 @@ class Log:
             csv.writer(handle).writerow([stage, step, f"{loss:.6f}", f"{lr:.3e}", f"{seconds:.2f}"])
 
 
-STAGE1_FIELDS = ("tower", "preset", "seed", "precision", "stage1_steps", "stage1_batch", "stage1_lr", "stage1_group",
-                 "spatial_weight", "warmup", "text_tower")
+STAGE1_FIELDS = ("tower", "arch", "preset", "seed", "precision", "stage1_steps", "stage1_batch", "stage1_lr",
+                 "stage1_group", "spatial_weight", "warmup", "text_tower")
 
 
 def stage_config(config: TrainConfig, stage: str) -> dict:
@@ -198,15 +199,17 @@ def _save_state(path: Path, config: TrainConfig, step: int, model: torch.nn.Modu
 
 # -------------------------------------------------------------------------------------- stage 1
 def caption_batch(step: int, config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> tuple:
-    """Scenes in groups that differ only in their shapes, so that colours alone cannot match captions.
+    """(images, caption ids, lengths): scenes in groups that differ only in their shapes, so that colours alone
+    cannot match captions. A group's scenes share a size; the groups of a batch take the architecture's sizes in turn.
 
     Without these hard negatives the colour sets nearly identify a caption within a batch, and the
     tower learns colour but hardly shape.
     """
-    size, group = config.sizes.image_size, config.stage1_group
+    group = config.stage1_group
     scenes = []
     for slot in range(0, config.stage1_batch, group):
         seed = TRAIN_SEED_OFFSET * 10 + config.seed * 10**9 + step * config.stage1_batch + slot
+        size = config.architecture.scene_size(config.preset, slot // group)
         scene, rng = make_scene(seed, size), random.Random(seed)
         scenes += shape_variants(scene, group, rng)
     scenes = scenes[: config.stage1_batch]
@@ -217,7 +220,7 @@ def caption_batch(step: int, config: TrainConfig, tokenizer: PreTrainedTokenizer
     padded = torch.full((len(ids), int(lengths.max())), tokenizer.pad_token_id)
     for row, values in enumerate(ids):
         padded[row, : len(values)] = torch.tensor(values)
-    return to_pixels([scene.render() for scene in scenes]), padded, lengths
+    return [scene.render() for scene in scenes], padded, lengths
 
 
 class PositionHeads(torch.nn.Module):
@@ -227,19 +230,18 @@ class PositionHeads(torch.nn.Module):
         super().__init__()
         self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, patches) for _ in range(2)])
 
-    def forward(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, patch_states: Sequence[torch.Tensor]) -> torch.Tensor:
         losses = []
-        for head, states in zip(self.heads, hidden_states[-2:]):
-            patches = states[:, 1:]
+        for head, patches in zip(self.heads, patch_states[-2:]):
             target = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
             losses.append(F.cross_entropy(head(patches).flatten(0, 1).float(), target.flatten()))
         return torch.stack(losses).mean()
 
 
-def contrastive_loss(clip: CLIPModel, pixels: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
-                     heads: PositionHeads | None) -> tuple[torch.Tensor, torch.Tensor]:
-    vision = clip.vision_model(pixel_values=pixels, output_hidden_states=heads is not None)
-    image = F.normalize(clip.visual_projection(vision.pooler_output).float(), dim=-1)
+def contrastive_loss(clip: nn.Module, pixels: dict[str, torch.Tensor], ids: torch.Tensor, lengths: torch.Tensor,
+                     heads: PositionHeads | None, *, arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+    pooled, patch_states = arch.tower_outputs(clip.vision_model, pixels, patch_states=heads is not None)
+    image = F.normalize(clip.visual_projection(pooled).float(), dim=-1)
     mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
     states = clip.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
     pooled = states[torch.arange(len(ids), device=ids.device), lengths - 1]  # the eos token
@@ -247,16 +249,19 @@ def contrastive_loss(clip: CLIPModel, pixels: torch.Tensor, ids: torch.Tensor, l
     logits = clip.logit_scale.exp().clamp(max=100) * image @ text.T
     labels = torch.arange(len(ids), device=ids.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    aux = heads(vision.hidden_states) if heads is not None else torch.zeros((), device=ids.device)
+    aux = heads(patch_states) if heads is not None else torch.zeros((), device=ids.device)
     return loss, aux
 
 
-def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: Path, log: Log, *,
-                device: torch.device, progress: bool = True) -> CLIPModel:
+def train_tower(config: TrainConfig, processor: object, work: Path, log: Log, *,
+                device: torch.device, progress: bool = True) -> nn.Module:
+    """Stage 1; returns the contrastive model, whose `vision_model` is the trained tower."""
+    tokenizer, arch = processor.tokenizer, config.architecture
     torch.manual_seed(config.seed)
-    clip = build_clip(config.sizes, tokenizer, config.text_tower)
-    patches = (config.sizes.image_size // config.sizes.patch_size) ** 2
-    heads = PositionHeads(config.sizes.vision_hidden, patches) if config.tower == "spatial" else None
+    clip = arch.contrastive_model(config.preset, tokenizer, config.text_tower)
+    heads = None
+    if config.tower == "spatial":  # LLaVA only (Architecture.towers): one image size, so one patch count
+        heads = PositionHeads(config.sizes.vision_hidden, (config.sizes.image_size // config.sizes.patch_size) ** 2)
     modules = torch.nn.ModuleList([clip, *([heads] if heads else [])]).to(device)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.stage1_lr, weight_decay=0.05)
     start, seconds = _resume(work / "stage1.pt", config, modules, optimizer)
@@ -266,9 +271,10 @@ def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: P
     for step in tqdm(range(start, config.stage1_steps), initial=start, total=config.stage1_steps,
                      desc=f"stage 1 ({config.tower} tower)", disable=not progress):
         lr = learning_rate(step, config.stage1_steps, config.stage1_lr, config.warmup)
-        pixels, ids, lengths = (t.to(device) for t in caption_batch(step, config, tokenizer))
+        images, ids, lengths = caption_batch(step, config, tokenizer)
+        pixels, ids, lengths = arch.pixels(processor, images, device), ids.to(device), lengths.to(device)
         with autocast(device, config.precision):
-            loss, aux = contrastive_loss(clip, pixels, ids, lengths, heads)
+            loss, aux = contrastive_loss(clip, pixels, ids, lengths, heads, arch=arch)
         total = loss + config.spatial_weight * aux
         _update(total, optimizer, modules.parameters(), lr)
         log.write("stage1", step, total.item(), lr, time.perf_counter() - began)
@@ -278,7 +284,7 @@ def train_tower(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: P
 
 
 def tower_from_checkpoint(config: TrainConfig, tokenizer: PreTrainedTokenizerFast, work: Path,
-                          log: Log) -> CLIPModel:
+                          log: Log) -> nn.Module:
     """Stage 1's result read from a finished miniature: its vision tower, its stage-1 log rows.
 
     Refused unless the miniature's `training.json` records this run's stage-1 settings, so that the
@@ -346,11 +352,14 @@ def train_seed(config: TrainConfig, index: int) -> int:
 
 
 def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str, str]],
-                          num_visual: int) -> Instructions:
-    """Tokenise as the processor does at evaluation: the image placeholder repeated once per visual token."""
-    tokenizer = processor.tokenizer
-    prompts = [build_prompt(processor, text).replace("<image>", "<image>" * num_visual) for _, _, text, _ in texts]
-    full = [prompt + " " + answer for prompt, (_, _, _, answer) in zip(prompts, texts)]
+                          num_visual: int | Sequence[int], separator: str = " ") -> Instructions:
+    """Tokenise as the processor does at evaluation: the image placeholder repeated once per visual token
+    (`num_visual`, or `num_visual[i]` for query i), then `separator` and the answer."""
+    tokenizer, token = processor.tokenizer, image_token(processor)
+    counts = [num_visual] * len(texts) if isinstance(num_visual, int) else list(num_visual)
+    prompts = [build_prompt(processor, text).replace(token, token * count)
+               for (_, _, text, _), count in zip(texts, counts)]
+    full = [prompt + separator + answer for prompt, (_, _, _, answer) in zip(prompts, texts)]
     prompt_ids = tokenizer(prompts).input_ids
     full_ids = tokenizer(full).input_ids
     for index, (head, whole) in enumerate(zip(prompt_ids, full_ids)):
@@ -364,28 +373,30 @@ def tokenize_instructions(processor: object, texts: Sequence[tuple[int, str, str
 
 
 def build_instructions(config: TrainConfig, processor: object) -> Instructions:
-    texts = []
-    size = config.sizes.image_size
+    texts, counts = [], []
+    arch = config.architecture
     # tokenise only what is drawn: a training-only task is drawn when its `<task>_fraction` is set
     drawn = {task for task in TASKS if task not in TRAINING_ONLY_TASKS or getattr(config, f"{task}_fraction")}
     for index in range(config.train_scenes):
-        texts += [(index, *item) for item in instruction_texts(train_seed(config, index), size) if item[0] in drawn]
-    grid = config.sizes.image_size // config.sizes.patch_size
-    return tokenize_instructions(processor, texts, grid * grid)
+        size = arch.scene_size(config.preset, index)
+        items = [(index, *item) for item in instruction_texts(train_seed(config, index), size, arch.prompt_style)
+                 if item[0] in drawn]
+        texts += items
+        counts += [arch.num_visual(config.preset, size)] * len(items)
+    return tokenize_instructions(processor, texts, counts, arch.answer_separator)
 
 
 @torch.no_grad()
-def tower_features(model: LlavaForConditionalGeneration, config: TrainConfig, device: torch.device,
-                   batch: int = 256) -> torch.Tensor:
-    """(scenes, N, D) frozen features as LLaVA takes them: layer `vision_feature_layer`, CLS dropped."""
-    layer = model.config.vision_feature_layer
-    size, out = config.sizes.image_size, []
+def tower_features(model: PreTrainedModel, config: TrainConfig, processor: object, device: torch.device,
+                   batch: int = 256) -> list[torch.Tensor]:
+    """Each training scene's frozen tower features, as the projector reads them (`Architecture.features`)."""
+    arch, out = config.architecture, []
     for start in range(0, config.train_scenes, batch):
-        seeds = [train_seed(config, i) for i in range(start, min(start + batch, config.train_scenes))]
-        pixels = to_pixels([make_scene(seed, size).render() for seed in seeds], device)
-        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[layer]
-        out.append(hidden[:, 1:].to("cpu", torch.float32))
-    return torch.cat(out)
+        indices = range(start, min(start + batch, config.train_scenes))
+        images = [make_scene(train_seed(config, i), arch.scene_size(config.preset, i)).render() for i in indices]
+        pixels = arch.pixels(processor, images, device)
+        out += [features.to("cpu", torch.float32) for features in arch.features(model, pixels)]
+    return out
 
 
 def instruction_batch(rows: np.ndarray, data: Instructions, pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -400,17 +411,14 @@ def instruction_batch(rows: np.ndarray, data: Instructions, pad_id: int) -> tupl
     return ids, labels, (ids != pad_id).long()
 
 
-def instruction_loss(model: LlavaForConditionalGeneration, features: torch.Tensor, ids: torch.Tensor,
+def instruction_loss(model: PreTrainedModel, features: Sequence[torch.Tensor], ids: torch.Tensor,
                      labels: torch.Tensor, mask: torch.Tensor, *, tasks: Sequence[str]) -> torch.Tensor:
-    """LLaVA's forward on precomputed tower features: project, merge at the image tokens, run the LLM.
+    """The model's forward on precomputed tower features (`features[i]` row i's): project, merge at the image
+    tokens, run the LLM (`Architecture.logits`).
 
     The loss is each task's mean answer-token cross-entropy, weighted by the task's share of the
     queries (`tasks[i]` is query i's task)."""
-    embeds = model.get_input_embeddings()(ids)
-    projected = model.model.multi_modal_projector(features.to(embeds.dtype))
-    is_image = (ids == model.config.image_token_id)[..., None]
-    embeds = embeds.masked_scatter(is_image, projected.to(embeds.dtype))
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+    logits = of_model(model).logits(model, features, ids, mask)[:, :-1].float()
     targets = labels[:, 1:]
     per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     # A token mean over the whole batch lets a 25-token box outweigh a one-word VQA answer 12 to 1
@@ -451,20 +459,20 @@ def batch_counts(config: TrainConfig, step: int) -> dict[str, int]:
     return counts
 
 
-def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Path, log: Log, *,
-              device: torch.device, progress: bool = True) -> LlavaForConditionalGeneration:
+def train_llm(config: TrainConfig, clip: nn.Module, processor: object, work: Path, log: Log, *,
+              device: torch.device, progress: bool = True) -> PreTrainedModel:
     torch.manual_seed(config.seed + 1)
-    tokenizer = processor.tokenizer
-    model = build_llava(config.sizes, tokenizer)
-    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    tokenizer, arch = processor.tokenizer, config.architecture
+    model = arch.build_model(config.preset, tokenizer)
+    arch.load_tower(model, clip.vision_model)
     model.to(device)
-    model.model.vision_tower.requires_grad_(False).eval()
+    arch.freeze_tower(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=0.0)
     start, seconds = _resume(work / "stage2.pt", config, model, optimizer)  # refuses a mismatch before the slow part
     log.resume("stage2", start)
     data = build_instructions(config, processor)
-    features = tower_features(model, config, device)
+    features = tower_features(model, config, processor, device)
     model.model.language_model.train()
     began = time.perf_counter() - seconds
     for step in tqdm(range(start, config.stage2_steps), initial=start, total=config.stage2_steps,
@@ -475,7 +483,7 @@ def train_llm(config: TrainConfig, clip: CLIPModel, processor: object, work: Pat
         rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
         lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)
         ids, labels, mask = (t.to(device) for t in instruction_batch(rows, data, tokenizer.pad_token_id))
-        scene_features = features[[data.scene[row] for row in rows]].to(device)
+        scene_features = [features[data.scene[row]].to(device) for row in rows]
         with autocast(device, config.precision):
             loss = instruction_loss(model, scene_features, ids, labels, mask, tasks=tasks)
         _update(loss, optimizer, trainable, lr)
@@ -492,12 +500,15 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
 
     With `stage1_only` stop once the tower is trained (its state stays in `work`; nothing is saved to `out`).
     """
-    if config.tower not in TOWERS:
-        raise SystemExit(f"--tower {config.tower!r}: choose one of {TOWERS}")
+    arch = config.architecture
+    if config.tower not in arch.towers:
+        raise SystemExit(f"--tower {config.tower!r}: --arch {arch.name} trains one of {arch.towers}")
+    if config.tower_from and arch.name != "llava":
+        raise SystemExit(f"--tower-from: implemented for --arch llava, not {arch.name}")
     work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    tokenizer = build_tokenizer()
-    processor = build_processor(config.sizes, tokenizer)
+    tokenizer = arch.tokenizer()
+    processor = arch.processor(config.preset, tokenizer)
     log = Log(work / "log.csv")
     if config.tower_from and stage1_only:
         raise SystemExit("--tower-from replaces stage 1: it cannot be given with --stage1-only")
@@ -507,11 +518,11 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
         tower_sha256 = check_tower_source(config, work)
         clip = tower_from_checkpoint(config, tokenizer, work, log)
     else:
-        clip = train_tower(config, tokenizer, work, log, device=device, progress=progress)
+        clip = train_tower(config, processor, work, log, device=device, progress=progress)
     if stage1_only:
         return None
     model = train_llm(config, clip, processor, work, log, device=device, progress=progress)
-    save_llava_checkpoint(model.to("cpu", torch.float32), processor, out)
+    arch.save(model.to("cpu", torch.float32), processor, out)
     shutil.copyfile(work / "log.csv", out / "training_log.csv")
     stages = {row["stage"]: float(row["seconds"]) for row in csv.DictReader((work / "log.csv").open())}
     training = {"config": asdict(config), "device": describe(device), "seconds": stages,

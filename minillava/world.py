@@ -333,6 +333,13 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def box_answer(box: tuple[float, float, float, float], size: int) -> str:
-    """LLaVA-1.5's answer format: [x1, y1, x2, y2] as fractions of the image, two decimals."""
-    return "[" + ", ".join(f"{value / size:.2f}" for value in box) + "]"
+def box_answer(box: tuple[float, float, float, float], size: int, box_format: str = "normalized") -> str:
+    """A box as the model family answers it: LLaVA-1.5's [x1, y1, x2, y2] as fractions of the image, two
+    decimals (`normalized`), or Qwen2-VL's <|box_start|>(x1,y1),(x2,y2)<|box_end|> in thousandths
+    (`normalized1000`)."""
+    if box_format == "normalized":
+        return "[" + ", ".join(f"{value / size:.2f}" for value in box) + "]"
+    if box_format == "normalized1000":
+        x1, y1, x2, y2 = (round(1000 * value / size) for value in box)
+        return f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+    raise ValueError(f"box format {box_format!r}: the world writes 'normalized' or 'normalized1000'")

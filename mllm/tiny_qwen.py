@@ -198,10 +198,20 @@ def build_tiny_qwen(directory: str | Path, model_type: str, sizes: TinyQwenConfi
     config = tiny_qwen_config(sizes, tokenizer, model_type)
     torch.manual_seed(sizes.seed)
     model = MODELS[model_type][1](config).eval()
-    # As Qwen2-VL-Instruct's generation_config: a turn ends at <|im_end|>, a document at <|endoftext|>.
+    set_qwen_generation_tokens(model, tokenizer)
+    return save_qwen_checkpoint(model, tokenizer, build_qwen_image_processor(sizes), directory, model_type)
+
+
+def set_qwen_generation_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+    """As Qwen2-VL-Instruct's generation_config: a turn ends at <|im_end|>, a document at <|endoftext|>."""
     model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def save_qwen_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
+                         image_processor: Qwen2VLImageProcessorPil, directory: str | Path, model_type: str) -> Path:
+    """Write `model` in the Hugging Face layout of a Qwen2-VL / Qwen2.5-VL checkpoint, which `mllm.load` reads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -210,7 +220,6 @@ def build_tiny_qwen(directory: str | Path, model_type: str, sizes: TinyQwenConfi
     # torchvision AutoProcessor builds the real one; the template goes to chat_template.jinja.
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     tokenizer.save_pretrained(directory)
-    image_processor = build_qwen_image_processor(sizes)
     image_processor.processor_class = MODELS[model_type][2].__name__
     image_processor.save_pretrained(directory)
     return directory

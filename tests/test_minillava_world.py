@@ -179,11 +179,12 @@ def test_sample_ids_name_their_scene_and_refuse_other_formats():
 
 def test_caption_batches_hold_groups_that_differ_only_in_shape():
     from minillava.model import build_tokenizer
-    from minillava.train import TrainConfig, caption_batch
+    from minillava.train import TrainConfig, caption_batch, to_pixels
 
     config = TrainConfig(preset="test", stage1_batch=8, stage1_group=4)
     tokenizer = build_tokenizer()
-    pixels, ids, lengths = caption_batch(3, config, tokenizer)
+    images, ids, lengths = caption_batch(3, config, tokenizer)
+    pixels = to_pixels(images)
     assert pixels.shape == (8, 3, 32, 32) and ids.shape[0] == 8
     captions = [tokenizer.decode(row[:n - 1]) for row, n in zip(ids.tolist(), lengths.tolist())]
     for group in (captions[:4], captions[4:]):
