@@ -12,6 +12,9 @@ and `keep` runs, on the samples all three scored:
   samples only one of the two gets right.
 
 The CIs resample samples jointly across the three runs (the same samples in every resample).
+
+`policy_difference(out, "keep", "compact")` compares two position policies the same way: per (method, budget),
+the mean of `a - b` over the samples both scored, with a paired CI (which M-RoPE IDs grounding needs, say).
 """
 
 from __future__ import annotations
@@ -66,3 +69,26 @@ def gap_recovery(out: str | Path, *, task: str = "rec", threshold: float = 0.5, 
                      "keep_wins": int(((k == 1) & (u == 0)).sum()), "unpruned_wins": int(((u == 1) & (k == 0)).sum())})
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
+
+
+def policy_difference(out: str | Path, a: str, b: str, *, task: str = "rec", threshold: float = 0.5,
+                      resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per (method, budget) of `out` run under both policies `a` and `b`: their scores on the samples
+    both scored and `difference` = a - b with a paired 95% bootstrap CI."""
+    root = Path(out) / task
+    rows = []
+    for a_dir in sorted(root.glob(f"*/*/{a}")):
+        b_dir = a_dir.parent / b
+        if not b_dir.is_dir():
+            continue
+        first, second = sample_scores(a_dir, task, threshold), sample_scores(b_dir, task, threshold)
+        shared = sorted(set(first) & set(second))
+        x, y = (np.array([scores[i] for i in shared]) for scores in (first, second))
+        draws = bootstrap_means({"difference": x - y}, resamples=resamples, seed=seed)
+        config = json.loads((a_dir / "config.json").read_text())
+        low, high = percentile_interval(draws[:, 0])
+        rows.append({"method": config["method"], "budget": config["budget"], "n": len(shared), a: x.mean(),
+                     b: y.mean(), "difference": (x - y).mean(), "difference_low": low, "difference_high": high})
+    if not rows:
+        raise ValueError(f"{root}: no (method, budget) run under both {a!r} and {b!r}")
+    return pd.DataFrame(rows)
