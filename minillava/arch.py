@@ -56,8 +56,8 @@ QWEN_PRESETS = {
                            text_layers=2, text_heads=4, text_kv_heads=2, mrope_section=(2, 2, 2),
                            max_position_embeddings=256, min_pixels=16 * 16, max_pixels=32 * 32),
 }
-# Square scene sides drawn in training, the largest being the evaluation's (`minillava.split` writes 64 px):
-# 6x6, 7x7 and 8x8 visual tokens on the CPU size.
+# Square scene sides drawn in training, in turn (`minillava.split` writes the evaluation's at 64 px): 6x6, 7x7 and
+# 8x8 visual tokens on the CPU size, up to the processor's max_pixels.
 QWEN_SCENE_SIZES = {"cpu": (48, 56, 64), "gpu": (64, 80, 96, 112), "test": (24, 32)}
 
 
