@@ -1,0 +1,248 @@
+"""Convert checkpoints released in their own repositories' formats into ones `mllm.load` reads.
+
+    python -m mllm.convert shikra --llama /ckpt/llama-7b --delta /ckpt/shikra-7b-delta-v1 \\
+        --clip /ckpt/clip-vit-large-patch14 --out /ckpt/shikra-7b
+
+`shikra` applies the released delta (`shikras/shikra-7b-delta-v1`) as the repository's `apply_delta.py` does:
+every LLaMA tensor is base + delta, in the delta's dtype; the three tokens Shikra adds (`<im_patch>`,
+`<im_start>`, `<im_end>`: rows 32000-32002 of `embed_tokens` and `lm_head`) and the projector
+(`model.mm_projector`) are stored whole in the delta. The CLIP tower, which Shikra loads from
+`openai/clip-vit-large-patch14` beside its checkpoint, is read from `--clip`. The output is a
+`mllm.shikra.ShikraForConditionalGeneration` checkpoint with the delta's tokenizer and a processor (CLIP's image
+processor, Shikra's `vicuna_v1.1` conversation).
+
+Everything is checked before anything is written, and the output appears only once complete (written beside
+`--out`, then renamed): a wrong base (vocabulary size, shapes), a delta with a missing, extra or misshapen
+tensor, or a CLIP of another width is refused by file and field, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
+from transformers import AutoTokenizer, LlamaConfig, LlavaProcessor
+
+from mllm.shikra import ShikraConfig, ShikraForConditionalGeneration
+from mllm.tiny import CLIPImageProcessor  # the PIL one: the toolkit never installs torchvision
+
+SHIKRA_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")  # in the order Shikra adds them: ids V, V + 1, V + 2
+PROJECTOR = {"model.mm_projector.weight": "model.multi_modal_projector.weight",
+             "model.mm_projector.bias": "model.multi_modal_projector.bias"}
+# The vicuna_v1.1 conversation Shikra is trained and evaluated with (its mllm/conversation/base_conversation.py):
+# system prompt, then "USER: ... ASSISTANT:"; an image is <im_start> + one <im_patch> per visual token + <im_end>,
+# placed where the message puts it.
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+SHIKRA_CHAT_TEMPLATE = (
+    '{{ "' + VICUNA_SYSTEM + '" }}'
+    "{% for message in messages %}{{ ' ' + message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<im_start><im_patch><im_end>' }}"
+    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
+
+class ConversionError(ValueError):
+    """A source checkpoint that cannot be converted; the message names the file and the field or tensor."""
+
+
+class Weights:
+    """The tensors of a Hugging Face checkpoint directory (safetensors or PyTorch .bin, sharded or not), read lazily."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files: dict[str, Path] = {}
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            index = directory / index_name
+            if index.is_file():
+                mapping = json.loads(index.read_text())["weight_map"]
+                self.files = {key: directory / name for key, name in mapping.items()}
+                break
+            if (directory / single).is_file():
+                self.files = {key: directory / single for key in self._keys_of(directory / single)}
+                break
+        if not self.files:
+            raise ConversionError(f"{directory}: no model.safetensors or pytorch_model.bin (nor their index.json)")
+        self._open: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys_of(path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as handle:
+                return list(handle.keys())
+        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self.files[key]
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as handle:
+                return handle.get_tensor(key)
+        if path not in self._open:  # memory-mapped: a shard costs address space, not memory
+            self._open = {path: torch.load(path, map_location="cpu", weights_only=True, mmap=True)}
+        if key not in self._open[path]:
+            raise ConversionError(f"{path}: has no tensor {key!r}, though the checkpoint's index puts it there")
+        return self._open[path][key]
+
+    def file_of(self, key: str) -> str:
+        return str(self.files[key])
+
+
+def _config(directory: Path, name: str) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{path}: not found; --{name} must be a checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def _require(config: dict, path: Path, field: str, wanted: object, why: str) -> None:
+    if config.get(field) != wanted:
+        raise ConversionError(f"{path}: field '{field}' is {config.get(field)!r}, expected {wanted!r} ({why})")
+
+
+def _llm_key(key: str) -> str:
+    """Shikra's (LLaMA's) key -> ShikraForConditionalGeneration's."""
+    return key if key == "lm_head.weight" else "model.language_model." + key.removeprefix("model.")
+
+
+def _merged_llm(base: Weights, delta: Weights, base_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our key, base + delta) for every LLaMA tensor, and the projector as the delta stores it."""
+    def rotary(key: str) -> bool:
+        return key.endswith("rotary_emb.inv_freq")  # a buffer old conversions saved; recomputed from the config
+
+    missing = sorted(key for key in base.keys() if key not in delta and not rotary(key))
+    if missing:
+        raise ConversionError(f"{delta.directory}: the delta has no tensor {missing[0]!r} of the base "
+                              f"({len(missing)} missing); is --delta a Shikra delta of this --llama?")
+    for key in delta.keys():
+        if rotary(key):
+            continue
+        change = delta[key]
+        if key in PROJECTOR:
+            yield PROJECTOR[key], change
+            continue
+        if key not in base:
+            raise ConversionError(f"{delta.file_of(key)}: tensor {key!r} is neither LLaMA's nor Shikra's projector")
+        original = base[key].to(change.dtype)
+        if original.shape == change.shape:
+            yield _llm_key(key), change + original
+        elif key in ("model.embed_tokens.weight", "lm_head.weight") and change.shape[1:] == original.shape[1:] \
+                and original.shape[0] == base_vocab and change.shape[0] == base_vocab + len(SHIKRA_TOKENS):
+            merged = change.clone()
+            merged[:base_vocab] += original  # the added tokens' rows are stored whole
+            yield _llm_key(key), merged
+        else:
+            raise ConversionError(f"{delta.file_of(key)}: tensor {key!r} has shape {tuple(change.shape)}, the base's "
+                                  f"({base.file_of(key)}) {tuple(original.shape)}")
+
+
+def shikra_config(llama: dict, delta: dict, clip_vision: dict, base_vocab: int) -> ShikraConfig:
+    text = LlamaConfig(**{**llama, "vocab_size": base_vocab + len(SHIKRA_TOKENS), "tie_word_embeddings": False,
+                          "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    side = clip_vision["image_size"] // clip_vision["patch_size"]
+    return ShikraConfig(vision_config={**clip_vision, "model_type": "clip_vision_model"}, text_config=text.to_dict(),
+                        image_token_id=base_vocab, im_start_token_id=base_vocab + 1, im_end_token_id=base_vocab + 2,
+                        vision_feature_layer=int(delta.get("mm_vision_select_layer", -2)),
+                        vision_feature_select_strategy="default", image_seq_length=side * side,
+                        projector_hidden_act="linear", tie_word_embeddings=False)
+
+
+def convert_shikra(llama: str | Path, delta: str | Path, clip: str | Path, out: str | Path) -> Path:
+    """Apply the Shikra delta to LLaMA, add CLIP, and write a checkpoint `mllm.load` reads (module docstring)."""
+    llama, delta, clip, out = Path(llama), Path(delta), Path(clip), Path(out)
+    if out.exists():
+        raise ConversionError(f"--out {out}: exists; remove it or choose another directory")
+    base_config, delta_config, clip_config = _config(llama, "llama"), _config(delta, "delta"), _config(clip, "clip")
+    _require(base_config, llama / "config.json", "model_type", "llama", "--llama must be LLaMA in Hugging Face format")
+    _require(delta_config, delta / "config.json", "model_type", "shikra", "--delta must be Shikra's released delta")
+    _require(delta_config, delta / "config.json", "mm_use_im_start_end", True,
+             "Shikra frames its image with <im_start> and <im_end>")
+    base_vocab = int(base_config.get("vocab_size", 0))
+    wanted = base_vocab + len(SHIKRA_TOKENS)
+    if delta_config.get("vocab_size") != wanted:
+        raise ConversionError(f"{llama / 'config.json'}: field 'vocab_size' is {base_vocab}, but the delta's "
+                              f"({delta / 'config.json'}) is {delta_config.get('vocab_size')}: Shikra adds "
+                              f"{len(SHIKRA_TOKENS)} tokens to the original LLaMA's 32000")
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        _require(base_config, llama / "config.json", field, delta_config.get(field), "the delta's value")
+    clip_vision = clip_config.get("vision_config", clip_config)
+    _require(clip_vision, clip / "config.json", "hidden_size", delta_config.get("mm_hidden_size"),
+             "the delta's mm_hidden_size, the projector's input width")
+    tokenizer = AutoTokenizer.from_pretrained(delta, local_files_only=True)
+    for offset, token in enumerate(SHIKRA_TOKENS):
+        if tokenizer.convert_tokens_to_ids(token) != base_vocab + offset:
+            raise ConversionError(f"{delta}: the tokenizer gives {token} id {tokenizer.convert_tokens_to_ids(token)}, "
+                                  f"Shikra's is {base_vocab + offset}")
+
+    config = shikra_config(base_config, delta_config, clip_vision, base_vocab)
+    state = dict(_merged_llm(Weights(llama), Weights(delta), base_vocab))
+    clip_weights = Weights(clip)
+    state |= {"model.vision_tower." + key.removeprefix("vision_model."): clip_weights[key]
+              for key in clip_weights.keys() if key.startswith("vision_model.")}
+    with torch.device("meta"):
+        expected = {key: value.shape for key, value in ShikraForConditionalGeneration(config).state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            source = clip if key.startswith("model.vision_tower.") else delta
+            raise ConversionError(f"{source}: no tensor for {key!r}")
+        if state[key].shape != shape:
+            raise ConversionError(f"{key}: shape {tuple(state[key].shape)}, the architecture needs {tuple(shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ConversionError(f"{clip}: tensor {extra[0]!r} has no place in the architecture")
+
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        partial.mkdir(parents=True)
+        save_torch_state_dict({key: tensor.contiguous() for key, tensor in state.items()}, partial)
+        config.save_pretrained(partial)
+        generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                      "pad_token_id": tokenizer.unk_token_id}  # the delta's 0 / 1 / -1 are wrong (Shikra overrides)
+        (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.pad_token = tokenizer.unk_token
+        image_processor = CLIPImageProcessor.from_pretrained(clip, local_files_only=True)
+        LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=clip_vision["patch_size"],
+                       vision_feature_select_strategy="default", image_token="<im_patch>",
+                       num_additional_image_tokens=1, chat_template=SHIKRA_CHAT_TEMPLATE).save_pretrained(partial)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mllm.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="model", required=True)
+    shikra = commands.add_parser("shikra", help="apply Shikra's released delta to LLaMA-7B, with CLIP ViT-L/14")
+    shikra.add_argument("--llama", required=True, type=Path, help="LLaMA-7B in Hugging Face format (vocab 32000)")
+    shikra.add_argument("--delta", required=True, type=Path, help="shikras/shikra-7b-delta-v1, downloaded")
+    shikra.add_argument("--clip", required=True, type=Path, help="openai/clip-vit-large-patch14, downloaded")
+    shikra.add_argument("--out", required=True, type=Path, help="the directory to write (must not exist)")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_shikra(args.llama, args.delta, args.clip, args.out)
+    except ConversionError as error:
+        print(f"error: {error}")
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
