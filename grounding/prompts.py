@@ -28,6 +28,9 @@ QWEN2_VL_REC_PROMPT = "Find <|object_ref_start|>{expression}<|object_ref_end|>"
 # The prompt the Qwen team gives for Qwen2.5-VL on RefCOCO (QwenLM/Qwen3-VL#991); it answers
 # ```json [{"bbox_2d": [x1, y1, x2, y2], "label": ...}]``` in pixels of the resized input image.
 QWEN2_5_VL_REC_PROMPT = "Locate {expression} in this image and output the bbox coordinates in JSON format."
+# The first of Shikra's REC question templates (its config/_base_/dataset/template/REC.json); the image goes where
+# the question says. Shikra answers "Answer: [x0,y0,x1,y1] ." in fractions of the white-padded square, 3 decimals.
+SHIKRA_REC_PROMPT = "Where is {expression} <image>?"
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,8 @@ register_prompt_style(PromptStyle("qwen2.5-vl", QWEN2_5_VL_REC_PROMPT, LMMS_EVAL
                                   box_format="input_pixels", image_frame="original", answer_frame="original",
                                   rec_max_new_tokens=128),
                       model_types=("qwen2_5_vl",))
+# Shikra's evaluation draws one of 54 REC templates at random, unseeded; the toolkit asks the first (pass another
+# with the style's `rec`). Its VQA wording is lmms-eval's, after the image.
+register_prompt_style(PromptStyle("shikra", SHIKRA_REC_PROMPT, "<image> " + LMMS_EVAL_GQA_PROMPT, image_frame="padded",
+                                  answer_frame="padded"),
+                      model_types=("shikra",))

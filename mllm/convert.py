@@ -30,27 +30,11 @@ from huggingface_hub import save_torch_state_dict
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlavaProcessor
 
-from mllm.shikra import ShikraConfig, ShikraForConditionalGeneration
+from mllm.shikra import SHIKRA_CHAT_TEMPLATE, SHIKRA_TOKENS, ShikraConfig, ShikraForConditionalGeneration
 from mllm.tiny import CLIPImageProcessor  # the PIL one: the toolkit never installs torchvision
 
-SHIKRA_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")  # in the order Shikra adds them: ids V, V + 1, V + 2
 PROJECTOR = {"model.mm_projector.weight": "model.multi_modal_projector.weight",
              "model.mm_projector.bias": "model.multi_modal_projector.bias"}
-# The vicuna_v1.1 conversation Shikra is trained and evaluated with (its mllm/conversation/base_conversation.py):
-# system prompt, then "USER: ... ASSISTANT:"; an image is <im_start> + one <im_patch> per visual token + <im_end>,
-# placed where the message puts it.
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
-SHIKRA_CHAT_TEMPLATE = (
-    '{{ "' + VICUNA_SYSTEM + '" }}'
-    "{% for message in messages %}{{ ' ' + message['role'].upper() + ': ' }}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<im_start><im_patch><im_end>' }}"
-    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
-    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
-)
-
-
 class ConversionError(ValueError):
     """A source checkpoint that cannot be converted; the message names the file and the field or tensor."""
 

@@ -19,6 +19,21 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 
+SHIKRA_TOKENS = ("<im_patch>", "<im_start>", "<im_end>")  # as Shikra adds them: ids V, V + 1, V + 2
+# The vicuna_v1.1 conversation Shikra is trained and evaluated with (its mllm/conversation/base_conversation.py):
+# system prompt, then "USER: ... ASSISTANT:"; an image is <im_start> + one <im_patch> per visual token + <im_end>,
+# placed where the message puts it.
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+SHIKRA_CHAT_TEMPLATE = (
+    '{{ "' + VICUNA_SYSTEM + '" }}'
+    "{% for message in messages %}{{ ' ' + message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<im_start><im_patch><im_end>' }}"
+    "{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'assistant' %}{{ '</s>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+)
+
 
 class ShikraConfig(LlavaConfig):
     """`LlavaConfig` plus the ids of Shikra's `<im_start>` / `<im_end>` (`image_token_id` is `<im_patch>`)."""

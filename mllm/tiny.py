@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mllm.shikra import SHIKRA_CHAT_TEMPLATE, SHIKRA_TOKENS, ShikraConfig, ShikraForConditionalGeneration
+
 try:  # later transformers 5.x split image processors into torchvision and PIL backends
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPImageProcessor
 except ImportError:  # earlier 5.x: the plain processor is the PIL/numpy one
@@ -169,3 +171,26 @@ def build_tiny_llava(directory: str | Path, sizes: TinyLlavaConfig | None = None
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return save_llava_checkpoint(model, build_processor(sizes, tokenizer), directory)
+
+
+def build_tiny_shikra(directory: str | Path, sizes: TinyLlavaConfig | None = None) -> Path:
+    """A randomly initialised tiny Shikra (`mllm.shikra`) in the layout `python -m mllm.convert shikra` writes."""
+    sizes = sizes or TinyLlavaConfig()
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *SHIKRA_TOKENS]})
+    patch, start, end = (tokenizer.convert_tokens_to_ids(token) for token in SHIKRA_TOKENS)
+    llava = tiny_llava_config(sizes, tokenizer)
+    config = ShikraConfig(vision_config=llava.vision_config.to_dict(), text_config=llava.text_config.to_dict(),
+                          image_token_id=patch, im_start_token_id=start, im_end_token_id=end,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                          image_seq_length=sizes.grid[0] * sizes.grid[1], projector_hidden_act="linear")
+    torch.manual_seed(sizes.seed)
+    model = ShikraForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = build_processor(sizes, tokenizer)
+    processor = LlavaProcessor(image_processor=processor.image_processor, tokenizer=tokenizer,
+                               patch_size=sizes.patch_size, vision_feature_select_strategy="default",
+                               image_token=SHIKRA_TOKENS[0], num_additional_image_tokens=1,
+                               chat_template=SHIKRA_CHAT_TEMPLATE)
+    return save_llava_checkpoint(model, processor, directory)

@@ -1,0 +1,120 @@
+"""Shikra through mllm: a tiny random one (mllm.tiny.build_tiny_shikra, the converter's layout) against
+transformers' own generate and forward, its prompt and padding as released, and every analysis CLI on it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_generation import kept_reference_inputs, random_keep
+
+import mllm
+from grounding.evaluate import main as grounding_main
+from grounding.fixtures import write_jsonl_layout
+from grounding.prompts import default_style_for
+from misalign.ablate import main as misalign_main
+from mllm.selfcheck import transformers_generate_tokens
+from mllm.tiny import CLIP_MEAN, CLIP_STD, build_tiny_shikra
+from probes.layerwise import main as probes_main
+from pruning.evaluate import main as pruning_main
+
+QUESTIONS = ["Where is the red circle <image>?", "Where is <image> the cup?", "<image> How many?", "count them"]
+QUICK = ("--no-progress", "--bootstrap", "50", "--batch-size", "3")
+
+
+@pytest.fixture(scope="module")
+def shikra_dir(tmp_path_factory):
+    return build_tiny_shikra(tmp_path_factory.mktemp("shikra"))
+
+
+@pytest.fixture(scope="module")
+def shikra(shikra_dir):
+    return mllm.load(shikra_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def squares():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+def test_unpruned_generate_equals_transformers_generate(shikra, squares):
+    encoding = shikra.encode(squares, QUESTIONS)
+    ours = shikra.generate(encoding, max_new_tokens=10)
+    assert ours.token_ids == transformers_generate_tokens(shikra, squares, encoding.prompts, 10)
+
+
+def test_the_image_sits_between_im_start_and_im_end_where_the_question_puts_it(shikra, squares):
+    encoding = shikra.encode(squares, QUESTIONS)
+    config = shikra.model.config
+    assert "USER: Where is the red circle <im_start><im_patch><im_end>? ASSISTANT:" in encoding.prompts[0]
+    assert encoding.prompts[2].endswith("USER: <im_start><im_patch><im_end> How many? ASSISTANT:")
+    assert encoding.prompts[0].startswith("A chat between a curious user and an artificial intelligence assistant.")
+    for row in range(4):
+        start, count = int(encoding.visual_start[row]), encoding.visual_counts[row]
+        assert int(encoding.input_ids[row, start - 1]) == config.im_start_token_id
+        assert int(encoding.input_ids[row, start + count]) == config.im_end_token_id
+        assert count == 16
+
+
+def test_pruned_prefill_equals_transformers_forward_on_the_kept_tokens(shikra, squares):
+    encoding = shikra.encode(squares, QUESTIONS)
+    keep = random_keep(4, encoding.num_visual, 6)
+    for policy in ("keep", "reassign"):
+        run = shikra.generate(encoding, keep=keep, policy=policy, max_new_tokens=1, output_logits=True)
+        for row in range(4):
+            embeds, ids = kept_reference_inputs(encoding, row, keep[row], policy)
+            reference = shikra.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), position_ids=ids)
+            mask = run.prefill_mask[row] == 1
+            torch.testing.assert_close(run.prefill_logits[row][mask], reference.logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_image_is_padded_to_a_square_with_white(shikra):
+    wide = Image.new("RGB", (32, 16), (0, 0, 0))
+    encoding = shikra.encode([wide], ["Where is it <image>?"], frame="padded")
+    white = (1.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    pixels = encoding.pixel_values[0]
+    torch.testing.assert_close(pixels[:, 0, 0], white, atol=1e-4, rtol=0)  # the band above the image
+    torch.testing.assert_close(pixels[:, 16, 16], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD), atol=1e-4,
+                               rtol=0)  # the black image in the middle
+
+
+def test_shikra_answers_are_read_as_fractions_of_the_padded_square():
+    style = default_style_for("shikra")
+    assert style.name == "shikra" and style.answer_frame == "padded" and style.box_format == "normalized"
+    assert style.text("rec", "the red cup") == "Where is the red cup <image>?"
+
+
+@pytest.fixture(scope="module")
+def rec_data(tmp_path_factory):
+    return write_jsonl_layout(tmp_path_factory.mktemp("rec"), count=6)
+
+
+def run(main, *args: object) -> int:
+    return main([*map(str, args), *QUICK])
+
+
+def test_every_analysis_cli_runs_on_shikra(shikra_dir, rec_data, tmp_path):
+    out = tmp_path / "grounding"
+    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+               "--out", out) == 0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and all(record["error"] is None for record in records)
+    assert json.loads((out / "config.json").read_text())["prompt_style"]["name"] == "shikra"
+    assert run(misalign_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+               "--kind", "permuted", "--strength", "0,1", "--out", tmp_path / "misalign") == 0
+    assert set(pd.read_csv(tmp_path / "misalign" / "ablation.csv").strength) == {0.0, 1.0}
+    assert run(pruning_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+               "--methods", "random,cls-visual,prumerge+,fastv", "--ratios", "0.5", "--positions", "reassign,keep",
+               "--out", tmp_path / "pruning") == 0
+    table = pd.read_csv(tmp_path / "pruning" / "pruning.csv")
+    assert {("cls-visual", "keep"), ("prumerge+", "reassign"), ("fastv", "keep")} <= set(zip(table.method,
+                                                                                              table.positions))
+    images = rec_data / "images"
+    assert probes_main(["--model", str(shikra_dir), "--images", str(images), "--out", str(tmp_path / "probe"),
+                        "--no-progress", "--bootstrap", "20", "--test-fraction", "0.5"]) == 0
+    assert (tmp_path / "probe" / "layerwise.csv").is_file()
