@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 from grounding.boxes import BOX_FORMATS
 from grounding.data import DATASETS, load_dataset
-from grounding.prompts import default_style_for, prompt_style
 from grounding.runner import Shard, run_config, run_evaluation
-from grounding.tasks import add_run_arguments, load_model, reported_errors
+from grounding.tasks import add_run_arguments, chosen_style, load_model, reported_errors
 from mllm.images import FRAME_KINDS
 
 
@@ -47,8 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shard = Shard.parse(args.shard)
         dataset = load_dataset(args.dataset, args.data, args.split, images=args.images, split_by=args.split_by)
         model = load_model(args)
-        style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(
-            model.model.config.model_type)
+        style = chosen_style(args, model)
         style = style.with_options(box_format=args.box_format, image_frame=args.image_frame,
                                    answer_frame=args.answer_frame)
         if args.max_new_tokens:

@@ -5,12 +5,21 @@ answers read as 0-1 fractions of the original image as lmms-eval scores them (wh
 means fractions of the padded square it saw is unsettled: `--answer-frame padded` reads them so).
 Qwen2-VL (`qwen2-vl`) and Qwen2.5-VL (`qwen2.5-vl`) are asked in their own grounding formats, as
 their makers document them; lmms-eval's `refcoco_bbox_rec` asks every model the LLaVA prompt and
-reads only `[a, b, c, d]` fractions. Register another family with `register_prompt_style`.
+reads only `[a, b, c, d]` fractions. Shikra (`shikra`) is asked its own first REC template. Register another
+family with `register_prompt_style`.
+
+A style may instead ask each REC sample one of several templates (`rec_templates`, read from a JSON list by
+`load_rec_templates`, as Shikra's evaluation draws one of its 54): drawn per sample from its index and
+`template_seed`, so a sample gets the same template in every run, batch and shard.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
 
 from grounding.boxes import BOX_FORMATS, BoxFormat
 from grounding.errors import PromptStyleError
@@ -46,6 +55,8 @@ class PromptStyle:
     stop: tuple[str, ...] = ()
     rec_max_new_tokens: int = 64
     vqa_max_new_tokens: int = 16
+    rec_templates: tuple[str, ...] = ()  # when given, each REC sample is asked one of these instead of `rec`
+    template_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.box_format not in BOX_FORMATS:
@@ -56,10 +67,22 @@ class PromptStyle:
         if "{expression}" not in self.rec or "{question}" not in self.vqa:
             raise PromptStyleError(f"prompt style {self.name}: the REC prompt needs {{expression}} and the VQA "
                              f"prompt {{question}}")
+        for number, template in enumerate(self.rec_templates):
+            if "{expression}" not in template:
+                raise PromptStyleError(f"prompt style {self.name}: REC template {number} ({template!r}) has no "
+                                       "{expression}")
 
-    def text(self, task: str, sample_text: str) -> str:
+    def rec_template(self, index: int) -> str:
+        """The REC prompt sample `index` is asked: `rec`, or its seeded draw from `rec_templates`."""
+        if not self.rec_templates:
+            return self.rec
+        draw = np.random.default_rng([self.template_seed, index]).integers(len(self.rec_templates))
+        return self.rec_templates[int(draw)]
+
+    def text(self, task: str, sample_text: str, index: int = 0) -> str:
+        """The user message for a sample (`index` picks its REC template when the style has several)."""
         if task == "rec":
-            return self.rec.replace("{expression}", sample_text)
+            return self.rec_template(index).replace("{expression}", sample_text)
         return self.vqa.replace("{question}", sample_text)
 
     def max_new_tokens(self, task: str) -> int:
@@ -84,6 +107,27 @@ def prompt_style(name: str) -> PromptStyle:
     if name not in _STYLES:
         raise PromptStyleError(f"unknown prompt style {name!r}; registered: {sorted(_STYLES)}")
     return _STYLES[name]
+
+
+def load_rec_templates(path: str | Path) -> tuple[str, ...]:
+    """REC question templates from a JSON list of strings (Shikra's config/_base_/dataset/template/REC.json),
+    its `<expr>` read as the toolkit's `{expression}`; `<image>` places the image (`mllm.prompts.IMAGE_SLOT`)."""
+    path = Path(path)
+    try:
+        templates = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise PromptStyleError(f"{path}: cannot read REC templates ({error})") from error
+    if not isinstance(templates, list) or not templates:
+        raise PromptStyleError(f"{path}: REC templates must be a non-empty JSON list of strings")
+    read = []
+    for number, entry in enumerate(templates):
+        if not isinstance(entry, str):
+            raise PromptStyleError(f"{path}: entry {number} is {type(entry).__name__}, not a string")
+        template = entry.replace("<expr>", "{expression}")
+        if template.count("{expression}") != 1:
+            raise PromptStyleError(f"{path}: entry {number} ({entry!r}) needs exactly one <expr> or {{expression}}")
+        read.append(template)
+    return tuple(read)
 
 
 def default_style_for(model_type: str) -> PromptStyle:

@@ -170,8 +170,8 @@ def evaluate_runs(model: mllm.MLLM, samples: Sequence[Sample], task: str, style:
     errors, ready = _load_images(samples)
     encoding = None
     if ready:
-        encoding = model.encode([image for _, image in ready],
-                                [style.text(task, sample.text) for sample, _ in ready], frame=style.image_frame,
+        texts = [style.text(task, sample.text, sample.index) for sample, _ in ready]
+        encoding = model.encode([image for _, image in ready], texts, frame=style.image_frame,
                                 **merge_encode_options(run.encode_options for run in runs))
     computed: dict[Hashable, list[dict]] = {}
     for run in runs:

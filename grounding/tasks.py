@@ -18,7 +18,8 @@ import pandas as pd
 
 import mllm
 from grounding.data import Dataset, load_dataset
-from grounding.errors import GroundingError
+from grounding.errors import GroundingError, PromptStyleError
+from grounding.prompts import PromptStyle, default_style_for, load_rec_templates, prompt_style
 from grounding.records import claim
 from grounding.runner import Shard
 
@@ -57,11 +58,33 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples (of each task)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prompt-style", help="default: the style registered for the checkpoint's model type")
+    parser.add_argument("--rec-templates", type=Path, help="a JSON list of REC question templates (Shikra's "
+                        "config/_base_/dataset/template/REC.json: <expr> marks the expression, <image> the image); "
+                        "each sample is asked one, drawn from its index and --template-seed")
+    parser.add_argument("--template-seed", type=int, default=0)
+    parser.add_argument("--rec-template-index", type=int, help="ask every sample this one of --rec-templates")
     add_model_arguments(parser)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     parser.add_argument("--shard", help="r/n: evaluate the r-th of n contiguous blocks of whole batches of each "
                         "run; the last shard to finish writes the summaries (default: RANK/WORLD_SIZE)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def chosen_style(args: argparse.Namespace, model: mllm.MLLM) -> PromptStyle:
+    """The prompt style `add_run_arguments`' flags choose: `--prompt-style` or the checkpoint's own, asking the
+    `--rec-templates` when given."""
+    style = prompt_style(args.prompt_style) if args.prompt_style else default_style_for(model.model.config.model_type)
+    if args.rec_templates is None:
+        if args.rec_template_index is not None:
+            raise PromptStyleError("--rec-template-index needs --rec-templates")
+        return style
+    templates = load_rec_templates(args.rec_templates)
+    if args.rec_template_index is not None:
+        if not 0 <= args.rec_template_index < len(templates):
+            raise PromptStyleError(f"{args.rec_templates}: --rec-template-index {args.rec_template_index} is not "
+                                   f"one of its {len(templates)} templates")
+        templates = (templates[args.rec_template_index],)
+    return style.with_options(rec_templates=templates, template_seed=args.template_seed)
 
 
 def headline_table(table: pd.DataFrame, index: list[str], columns: list[str]) -> str:

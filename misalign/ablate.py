@@ -39,13 +39,14 @@ import pandas as pd
 import torch
 
 import mllm
-from grounding import Dataset, PromptStyle, default_style_for, prompt_style
+from grounding import Dataset, PromptStyle, default_style_for
 from grounding.records import write_atomic
 from grounding.runner import Predict, Run, Shard, SweepPart, check_or_write_config, feed_key, run_config, run_sweep
 from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    chosen_style,
     finishing_shard,
     headline_table,
     load_model,
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets = task_datasets(args)
         shard = Shard.parse(args.shard)
         model = load_model(args)
-        style = prompt_style(args.prompt_style) if args.prompt_style else None  # None: the checkpoint's own
+        style = chosen_style(args, model)
         tables = run_ablations(model, datasets, ablations, style=style, seed=args.seed, batch_size=args.batch_size,
                                limit=args.limit, shard=shard, resamples=args.bootstrap, progress=not args.no_progress)
     if outcome.status:

@@ -39,7 +39,14 @@ from grounding.data import Sample
 from grounding.metrics import bootstrap_means, percentile_interval
 from grounding.records import scored_records, write_atomic
 from grounding.runner import Annotate, Shard, run_sweep
-from grounding.tasks import add_run_arguments, add_task_arguments, finishing_shard, load_model, reported_errors
+from grounding.tasks import (
+    add_run_arguments,
+    add_task_arguments,
+    chosen_style,
+    finishing_shard,
+    load_model,
+    reported_errors,
+)
 from pruning.apply import grid_groups
 from pruning.budget import Budget
 from pruning.coverage import box_cells
@@ -201,7 +208,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from grounding import prompt_style
     from grounding.tasks import task_datasets
     from pruning.figures import plot_attention
 
@@ -210,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = task_datasets(args)["rec"]
         shard = Shard.parse(args.shard)
         model = load_model(args)
-        style = prompt_style(args.prompt_style) if args.prompt_style else None
+        style = chosen_style(args, model)
         tables = run_attention(model, dataset, methods, budgets, args.out, positions=positions, style=style,
                                batch_size=args.batch_size, limit=args.limit, shard=shard, resamples=args.bootstrap,
                                progress=not args.no_progress)

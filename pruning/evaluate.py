@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 
 import mllm
-from grounding import Dataset, PromptStyle, default_style_for, prompt_style
+from grounding import Dataset, PromptStyle, default_style_for
 from grounding.records import write_atomic
 from grounding.runner import (
     Annotate,
@@ -52,6 +52,7 @@ from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
     check_tasks,
+    chosen_style,
     finishing_shard,
     headline_table,
     load_model,
@@ -269,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets = task_datasets(args)
         shard = Shard.parse(args.shard)
         model = load_model(args)
-        style = prompt_style(args.prompt_style) if args.prompt_style else None
+        style = chosen_style(args, model)
         table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
                             batch_size=args.batch_size, limit=args.limit, shard=shard, resamples=args.bootstrap,
                             progress=not args.no_progress)

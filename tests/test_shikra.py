@@ -118,3 +118,43 @@ def test_every_analysis_cli_runs_on_shikra(shikra_dir, rec_data, tmp_path):
     assert probes_main(["--model", str(shikra_dir), "--images", str(images), "--out", str(tmp_path / "probe"),
                         "--no-progress", "--bootstrap", "20", "--test-fraction", "0.5"]) == 0
     assert (tmp_path / "probe" / "layerwise.csv").is_file()
+
+
+def write_templates(path, templates):
+    path.write_text(json.dumps(templates))
+    return path
+
+
+def test_rec_templates_in_shikras_format_are_drawn_per_sample_and_seeded(tmp_path):
+    from grounding.prompts import load_rec_templates
+
+    shikra_format = ["Where is <expr> <image>?", "<image> Locate <expr>.", "Find <expr> in <image>, please."]
+    templates = load_rec_templates(write_templates(tmp_path / "REC.json", shikra_format))
+    assert templates[0] == "Where is {expression} <image>?"
+    style = default_style_for("shikra").with_options(rec_templates=templates, template_seed=3)
+    asked = [style.text("rec", "the cup", index) for index in range(60)]
+    assert asked == [style.text("rec", "the cup", index) for index in range(60)]  # a sample's draw is its own
+    assert {text.replace("the cup", "{expression}") for text in asked} == set(templates)
+    reseeded = style.with_options(template_seed=4)
+    assert asked != [reseeded.text("rec", "the cup", index) for index in range(60)]
+    assert style.text("vqa", "how many?", 5) == "<image> how many?\nAnswer the question using a single word or phrase."
+    for bad, message in (([1], r"entry 0 is int"), (["no placeholder"], r"entry 0 \('no placeholder'\) needs"),
+                         ([], "non-empty JSON list")):
+        with pytest.raises(ValueError, match=message):
+            load_rec_templates(write_templates(tmp_path / "bad.json", bad))
+
+
+def test_the_clis_ask_the_templates_given_and_record_them(shikra_dir, rec_data, tmp_path):
+    templates = write_templates(tmp_path / "REC.json", ["Where is <expr> <image>?", "<image> Locate <expr>."])
+    out = tmp_path / "run"
+    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+               "--out", out, "--rec-templates", templates, "--template-seed", 7) == 0
+    style = json.loads((out / "config.json").read_text())["prompt_style"]
+    assert style["rec_templates"] == ["Where is {expression} <image>?", "<image> Locate {expression}."]
+    assert style["template_seed"] == 7
+    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+               "--out", tmp_path / "one", "--rec-templates", templates, "--rec-template-index", 1) == 0
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["prompt_style"]["rec_templates"] == \
+        ["<image> Locate {expression}."]
+    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+               "--out", tmp_path / "bad", "--rec-templates", templates, "--rec-template-index", 2) == 2
