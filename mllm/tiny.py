@@ -194,3 +194,42 @@ def build_tiny_shikra(directory: str | Path, sizes: TinyLlavaConfig | None = Non
                                image_token=SHIKRA_TOKENS[0], num_additional_image_tokens=1,
                                chat_template=SHIKRA_CHAT_TEMPLATE)
     return save_llava_checkpoint(model, processor, directory)
+
+
+# LLaVA-NeXT's anyres tile grids at the tiny tower's size: LLaVA-NeXT's own (336, 672, 1008 px) scaled by side / 336.
+def tiny_grid_pinpoints(side: int) -> list[list[int]]:
+    return [[side * rows, side * cols] for rows, cols in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]
+
+
+def build_tiny_llava_next(directory: str | Path, sizes: TinyLlavaConfig | None = None) -> Path:
+    """A randomly initialised tiny LLaVA-NeXT (`LlavaNextForConditionalGeneration`) in the llava-hf v1.6 layout:
+    anyres tiles on LLaVA-NeXT's grid shapes, unpadded, an `image_newline` after each tile row, the base crop
+    first; the processor is the PIL one, so it loads without torchvision."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    sizes = sizes or TinyLlavaConfig(image_size=28, patch_size=14)
+    tokenizer = build_char_tokenizer()
+    llava = tiny_llava_config(sizes, tokenizer)
+    pinpoints = tiny_grid_pinpoints(sizes.image_size)
+    config = LlavaNextConfig(vision_config=llava.vision_config.to_dict(), text_config=llava.text_config.to_dict(),
+                             image_token_id=llava.image_token_id, image_grid_pinpoints=pinpoints,
+                             vision_feature_layer=sizes.vision_feature_layer,
+                             vision_feature_select_strategy="default", tie_word_embeddings=False)
+    torch.manual_seed(sizes.seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    side = sizes.image_size
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": side},
+                                                 crop_size={"height": side, "width": side},
+                                                 image_grid_pinpoints=pinpoints, image_mean=list(CLIP_MEAN),
+                                                 image_std=list(CLIP_STD))
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=sizes.patch_size,
+                                   vision_feature_select_strategy="default", chat_template=LLAVA15_CHAT_TEMPLATE,
+                                   num_additional_image_tokens=1)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
