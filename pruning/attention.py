@@ -97,7 +97,7 @@ def attention_shares(attention: mllm.AnswerAttention, box: Sequence[float], fram
 def run_attention(model: mllm.MLLM, dataset: Dataset, methods: Sequence[PruningMethod], budgets: Sequence[Budget],
                   out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"), style: PromptStyle | None = None,
                   batch_size: int = 8, limit: int | None = None, shard: Shard | None = None, resamples: int = 1000,
-                  progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+                  progress: bool = True, threshold: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """The attention sweep on a REC dataset into `out`; the two tables once every run is complete."""
     for method in methods:
         if isinstance(method, LayerPruningMethod):
@@ -110,11 +110,11 @@ def run_attention(model: mllm.MLLM, dataset: Dataset, methods: Sequence[PruningM
                           resamples=resamples, progress=progress, label="attention")
     if any(summary is None for summary in summaries):
         return None
-    return write_attention_tables(out, resamples=resamples)
+    return write_attention_tables(out, resamples=resamples, threshold=threshold)
 
 
-def attention_records(out: str | Path) -> pd.DataFrame:
-    """One row per (run, REC sample, layer) of an attention sweep's directory."""
+def attention_records(out: str | Path, *, threshold: float = 0.5) -> pd.DataFrame:
+    """One row per (run, REC sample, layer) of an attention sweep's directory; a hit is IoU >= `threshold`."""
     rows = []
     for config_file in sorted((Path(out) / "rec").glob("**/config.json")):
         config = json.loads(config_file.read_text())
@@ -126,7 +126,7 @@ def attention_records(out: str | Path) -> pd.DataFrame:
             for layer, (visual, referent) in enumerate(zip(shares["visual"], shares["referent"])):
                 rows.append({"method": config["method"], "budget": config.get("budget", "0"),
                              "positions": config.get("positions", "none"), "index": index, "layer": layer,
-                             "hit": record["iou"] >= 0.5, "visual": visual, "referent": referent,
+                             "hit": record["iou"] >= threshold, "visual": visual, "referent": referent,
                              "referent_tokens": shares["referent_tokens"], "visual_tokens": shares["visual_tokens"]})
     table = pd.DataFrame(rows)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -182,9 +182,11 @@ def gains_table(records: pd.DataFrame, *, resamples: int = 1000) -> pd.DataFrame
     return pd.DataFrame(rows, columns=list(GAINS_COLUMNS))
 
 
-def write_attention_tables(out: str | Path, *, resamples: int = 1000) -> tuple[pd.DataFrame, pd.DataFrame]:
+def write_attention_tables(out: str | Path, *, resamples: int = 1000,
+                           threshold: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`attention.csv` and `attention_gains.csv` from a sweep's records (rerun at another `threshold` at no cost)."""
     out = Path(out)
-    records = attention_records(out)
+    records = attention_records(out, threshold=threshold)
     table, gains = attention_table(records, resamples=resamples), gains_table(records, resamples=resamples)
     write_atomic(out / "attention.csv", table.to_csv(index=False))
     write_atomic(out / "attention_gains.csv", gains.to_csv(index=False))
@@ -197,6 +199,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_pruning_arguments(parser)
     add_task_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="results directory, e.g. results/attention/NAME")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="IoU of a hit, which decides the samples a run wins over the unpruned model")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.tasks != ["rec"] and "rec" in args.tasks:
@@ -219,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         style = chosen_style(args, model)
         tables = run_attention(model, dataset, methods, budgets, args.out, positions=positions, style=style,
                                batch_size=args.batch_size, limit=args.limit, shard=shard, resamples=args.bootstrap,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, threshold=args.threshold)
     if outcome.status:
         return outcome.status
     with finishing_shard(args.out, shard, tables is not None, f"{args.out / 'attention.csv'} and its figure") as writes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,21 @@ def test_the_sweep_writes_per_layer_shares_for_every_run(attention_run):
             assert record["num_visual_fed"] == shares["visual_tokens"]
             assert all(0 <= r <= v + 1e-6 <= 1 + 1e-5 for r, v in zip(shares["referent"], shares["visual"]))
     assert (attention_run / "attention.png").stat().st_size > 0
+
+
+def test_the_gains_follow_the_hit_threshold_without_a_rerun(attention_run, tmp_path):
+    from pruning.attention import write_attention_tables
+
+    run = shutil.copytree(attention_run, tmp_path / "run")
+    counts = {}
+    for threshold in (0.1, 0.9):
+        _, gains = write_attention_tables(run, resamples=50, threshold=threshold)
+        counts[threshold] = gains[gains.group == "gains"].set_index(["method", "positions"]).n
+        ious = {name: {index: record["iou"] for index, record in read_records(record_files(run / "rec" / name)).items()}
+                for name in ("unpruned", "random/0.75/keep")}
+        wins = sum(ious["random/0.75/keep"][i] >= threshold > ious["unpruned"][i] for i in ious["unpruned"])
+        assert counts[threshold].get(("random", "keep"), 0) <= wins  # samples with no referent token are left out
+    assert not counts[0.1].equals(counts[0.9])
 
 
 def test_in_llm_methods_and_vqa_alone_are_refused(tmp_path, capsys):
