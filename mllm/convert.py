@@ -13,7 +13,8 @@ processor, Shikra's `vicuna_v1.1` conversation).
 
 Everything is checked before anything is written, and the output appears only once complete (written beside
 `--out`, then renamed): a wrong base (vocabulary size, shapes), a delta with a missing, extra or misshapen
-tensor, or a CLIP of another width is refused by file and field, and leaves nothing behind.
+tensor, or a CLIP of another width is refused by file and field, and leaves nothing behind. The sources are
+memory-mapped; the merged model is held in memory once (about 14 GB for the 7B in float16).
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ def convert_shikra(llama: str | Path, delta: str | Path, clip: str | Path, out: 
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         _require(base_config, llama / "config.json", field, delta_config.get(field), "the delta's value")
     clip_vision = clip_config.get("vision_config", clip_config)
+    if not (clip / "preprocessor_config.json").is_file():
+        raise ConversionError(f"{clip / 'preprocessor_config.json'}: not found; --clip must be the whole "
+                              "openai/clip-vit-large-patch14 download (its image processor too)")
     _require(clip_vision, clip / "config.json", "hidden_size", delta_config.get("mm_hidden_size"),
              "the delta's mm_hidden_size, the projector's input width")
     tokenizer = AutoTokenizer.from_pretrained(delta, local_files_only=True)

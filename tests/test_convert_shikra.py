@@ -194,6 +194,11 @@ def test_a_delta_missing_a_tensor_and_a_clip_of_another_width_are_refused(origin
         convert_shikra(llama, delta, clip, tmp_path / "out")
     shutil.rmtree(clip)
     shutil.copytree(originals[2], clip)
+    processor_config = (clip / "preprocessor_config.json").read_text()
+    (clip / "preprocessor_config.json").unlink()
+    with pytest.raises(ConversionError, match=r"clip/preprocessor_config\.json: not found"):
+        convert_shikra(llama, delta, clip, tmp_path / "out")
+    (clip / "preprocessor_config.json").write_text(processor_config)
     shard = delta / "pytorch_model-00002-of-00002.bin"
     tensors = torch.load(shard, weights_only=True)
     dropped = sorted(key for key in tensors if key.startswith("model.layers"))[0]
