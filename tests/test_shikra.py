@@ -114,6 +114,14 @@ def test_every_analysis_cli_runs_on_shikra(shikra_dir, rec_data, tmp_path):
     table = pd.read_csv(tmp_path / "pruning" / "pruning.csv")
     assert {("cls-visual", "keep"), ("prumerge+", "reassign"), ("fastv", "keep")} <= set(zip(table.method,
                                                                                               table.positions))
+    from pruning.attention import main as attention_main
+    from pruning.coverage import main as coverage_main
+
+    assert coverage_main([str(tmp_path / "pruning")]) == 0
+    assert set(pd.read_csv(tmp_path / "pruning" / "coverage" / "coverage.csv").positions) == {"reassign", "keep"}
+    assert run(attention_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--methods", "random,cls-visual",
+               "--ratios", "0.5", "--positions", "reassign,keep", "--out", tmp_path / "attention") == 0
+    assert pd.read_csv(tmp_path / "attention" / "attention.csv").visual.between(0, 1).all()
     images = rec_data / "images"
     assert probes_main(["--model", str(shikra_dir), "--images", str(images), "--out", str(tmp_path / "probe"),
                         "--no-progress", "--bootstrap", "20", "--test-fraction", "0.5"]) == 0
