@@ -141,6 +141,12 @@ def default_style_for(model_type: str) -> PromptStyle:
 register_prompt_style(PromptStyle("llava-1.5", LMMS_EVAL_REC_PROMPT, LMMS_EVAL_GQA_PROMPT, stop=("ASSISTANT:",)),
                       model_types=("llava",))
 
+# LLaVA-NeXT is asked as lmms-eval asks LLaVA, shown the image as it is: its processor tiles it at its own aspect
+# ratio (the base crop squashes it), so the answer's fractions are of the original image.
+register_prompt_style(PromptStyle("llava-next", LMMS_EVAL_REC_PROMPT, LMMS_EVAL_GQA_PROMPT, image_frame="original",
+                                  stop=("ASSISTANT:",)),
+                      model_types=("llava_next",))
+
 # Qwen keeps the native resolution: its processor resizes each axis (within min/max pixels), so fractions
 # of what it saw are fractions of the original image. It stops at its EOS, `<|im_end|>`: no stop string.
 register_prompt_style(PromptStyle("qwen2-vl", QWEN2_VL_REC_PROMPT, LMMS_EVAL_GQA_PROMPT, box_format="normalized1000",

@@ -212,8 +212,8 @@ def evaluate_batch(model: mllm.MLLM, samples: Sequence[Sample], task: str, style
 def visual_fields(encoding: mllm.Encoding, generation: mllm.Generation, row: int) -> dict:
     """What a record says of the row's visual tokens: the grid they tile and which of them the last LLM
     layer saw (`grounding.records.kept_mask`)."""
-    rows, cols = encoding.grids[row]
-    return {"visual_grid": [int(rows), int(cols)],
+    grid = encoding.grids[row]  # None where the tokens are no single grid (LLaVA-NeXT's crops and newlines)
+    return {"visual_grid": None if grid is None else [int(grid[0]), int(grid[1])],
             "visual_kept": kept_mask(generation.kept[row].tolist(), encoding.visual_counts[row])}
 
 
@@ -351,7 +351,11 @@ def run_config(model: mllm.MLLM, dataset: Dataset, style: PromptStyle, **extra: 
         "dataset": dataset.name, "split": dataset.split, "data": str(dataset.source), "task": dataset.task,
         "n_dataset": len(dataset), "prompt_style": asdict(style), **extra,
     }
-    if model.fixed_grid is None:  # native resolution: the pixel bounds decide how many tokens an image gets
-        size = model.processor.image_processor.size
+    size = model.processor.image_processor.size
+    if model.fixed_grid is None and size.get("longest_edge") is not None:
+        # native resolution: the pixel bounds decide how many tokens an image gets
         config["image_pixels"] = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+    pinpoints = getattr(model.model.config, "image_grid_pinpoints", None)
+    if pinpoints:  # LLaVA-NeXT: the tile canvases an image may get
+        config["image_grid_pinpoints"] = [list(map(int, canvas)) for canvas in pinpoints]
     return config

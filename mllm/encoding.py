@@ -13,6 +13,7 @@ from mllm.errors import KeepSetError, PromptError
 from mllm.images import FRAME_KINDS, FrameKind, ImageFrame, ImageInput, load_image
 from mllm.positions import VisualLayout, position_ids
 from mllm.prompts import build_prompt, check_prompt, image_token
+from mllm.visual_tokens import VisualTokens
 
 if TYPE_CHECKING:
     from mllm.loading import MLLM
@@ -45,6 +46,7 @@ class Encoding:
     # layer -> (B, H, 1 + N, 1 + N), or, for Qwen2-VL, a list of per-image (H, N_i, N_i) in raster order
     vision_attentions: dict[int, torch.Tensor] | None = None
     messages: list[str] | None = None  # the user messages the chat template wrapped; None for raw prompts
+    visual_tokens: list[VisualTokens] | None = None  # per row: what each visual token is (`mllm.visual_tokens`)
 
     @property
     def batch_size(self) -> int:
@@ -61,6 +63,10 @@ class Encoding:
     @property
     def grid(self) -> tuple[int, int]:
         """(rows, cols) of every row's visual tokens, where every row has the same grid."""
+        if any(grid is None for grid in self.grids):
+            kinds = next(tokens.counts() for tokens in self.visual_tokens if tokens.grid is None)
+            raise KeepSetError(f"the visual tokens are not one grid ({kinds}: a base crop and tiles with newline "
+                               "tokens); read what each is from `visual_tokens`")
         if len(set(self.grids)) > 1:
             raise KeepSetError(f"the rows' images have different grids ({self.grids}); read each row's from `grids`")
         return self.grids[0]
@@ -103,6 +109,7 @@ class Encoding:
             visual_start=self.visual_start[index] - trim,
             visual_counts=[self.visual_counts[row] for row in rows],
             grids=[self.grids[row] for row in rows],
+            visual_tokens=None if self.visual_tokens is None else [self.visual_tokens[row] for row in rows],
             layouts=[self.layouts[row] for row in rows],
             frames=[self.frames[row] for row in rows],
             prompts=[self.prompts[row] for row in rows],
@@ -140,9 +147,10 @@ def _shown_images(mllm: MLLM, images: Sequence[ImageInput], frame: FrameKind) ->
 
 def _vision_inputs(mllm: MLLM, batch: dict) -> dict[str, torch.Tensor]:
     """What the vision tower reads from a processor batch: pixel_values (and where the processor gives it, the
-    image_grid_thw that places a native-resolution model's patches), on the model's device."""
+    image_grid_thw that places a native-resolution model's patches, or the image_sizes LLaVA-NeXT unpads its tiles
+    by), on the model's device."""
     inputs = {"pixel_values": batch["pixel_values"].to(mllm.device, mllm.dtype)}
-    return inputs | {key: batch[key].to(mllm.device) for key in ("image_grid_thw",) if key in batch}
+    return inputs | {key: batch[key].to(mllm.device) for key in ("image_grid_thw", "image_sizes") if key in batch}
 
 
 @torch.no_grad()
@@ -234,9 +242,10 @@ def encode(
     visual_start = is_visual.long().argmax(dim=1)
     padding = (attention_mask == 0).sum(dim=1)
     length = input_ids.shape[1]
-    layouts = [adapter.visual_layout(int(visual_start[row] - padding[row]), grid,
+    tokens = vision.token_maps()
+    layouts = [adapter.visual_layout(int(visual_start[row] - padding[row]), row_tokens,
                                      length - int(visual_start[row]) - counts[row])
-               for row, grid in enumerate(vision.grids)]
+               for row, row_tokens in enumerate(tokens)]
     return Encoding(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -246,12 +255,13 @@ def encode(
         visual_counts=counts,
         grids=list(vision.grids),
         layouts=layouts,
-        frames=[dataclasses.replace(image_frame, input_size=adapter.input_size(grid))
-                for image_frame, grid in zip(frames, vision.grids)],
+        frames=[dataclasses.replace(image_frame, input_size=adapter.input_size(row_tokens))
+                for image_frame, row_tokens in zip(frames, tokens)],
         prompts=prompts,
         pixel_values=tower_inputs["pixel_values"],
         vision_inputs={key: value for key, value in tower_inputs.items() if key != "pixel_values"} or None,
         vision_hidden_states=vision.hidden_states if vision_hidden_states else None,
         vision_attentions=attentions,
         messages=None if raw_prompts else list(texts),
+        visual_tokens=tokens,
     )

@@ -143,5 +143,10 @@ def grid_groups(encoding: mllm.Encoding) -> list[list[int]]:
     """The batch's rows grouped by their image's grid, in order of first appearance (one group when fixed)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for row, grid in enumerate(encoding.grids):
+        if grid is None:
+            kinds = encoding.visual_tokens[row].counts()
+            raise ValueError(f"row {row}: its visual tokens are a base crop and tiles with newline tokens ({kinds}); "
+                             "pruning them needs a rule for the newlines and per-crop budgets, not implemented yet "
+                             "(mllm.generate takes your own keep sets)")
         groups.setdefault(grid, []).append(row)
     return list(groups.values())

@@ -93,6 +93,9 @@ def _run_records(run: Path) -> tuple[dict, dict[int, dict]]:
             if name not in record:
                 raise CoverageError(f"{run}/samples.jsonl: sample {index} has no field {name!r} (written before "
                                     "records said which visual tokens were kept); rerun into a new --out")
+        if record["visual_grid"] is None:
+            raise CoverageError(f"{run}/samples.jsonl: sample {index} has 'visual_grid' null: its visual tokens are "
+                                "no single grid (a base crop and tiles with newlines), which coverage cannot map yet")
     return config, records
 
 

@@ -167,6 +167,10 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     """
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
+    if not model.adapter.tokens_on_one_grid:
+        raise ValueError(f"{model.model.config.model_type} feeds a base crop and tiles with newline tokens; pruning "
+                         "them needs a rule for the newlines and per-crop budgets, not implemented yet "
+                         "(mllm.generate takes your own keep sets)")
     # A method that cannot read this model (trim's CLIP width) fails here, before anything is written.
     encode_options = [method.encode_options(model) for method in methods]
     for method in methods:

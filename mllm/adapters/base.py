@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from mllm.errors import UnsupportedModelError
 from mllm.images import FrameKind, ImageFrame
 from mllm.positions import VisualLayout
+from mllm.visual_tokens import VisualTokens
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
@@ -45,9 +46,13 @@ def adapter_class_for(config: PretrainedConfig, source: str = "config.json") -> 
 class VisionOutput:
     """What the vision side made of a batch of images: each image's visual tokens and their grid."""
 
-    features: list[torch.Tensor]  # per image: (N_i, D_llm) projected visual tokens in raster order
-    grids: list[tuple[int, int]]  # per image: (rows, cols) of those tokens
+    features: list[torch.Tensor]  # per image: (N_i, D_llm) projected visual tokens in the order the LLM reads them
+    grids: list[tuple[int, int] | None]  # per image: (rows, cols) of those tokens in raster order; None when no grid
     hidden_states: tuple[torch.Tensor, ...] | None = None  # every vision-tower hidden state, on request
+    tokens: list[VisualTokens] | None = None  # per image: what each token is; None means raster over `grids`
+
+    def token_maps(self) -> list[VisualTokens]:
+        return self.tokens if self.tokens is not None else [VisualTokens.raster(*grid) for grid in self.grids]
 
 
 class ModelAdapter:
@@ -59,6 +64,7 @@ class ModelAdapter:
     has_cls_token: ClassVar[bool] = False  # whether the vision tower's sequence starts with a CLS token
     has_position_embedding: ClassVar[bool] = False  # whether the tower adds an absolute position embedding
     processor_frame: ClassVar[FrameKind] = "original"  # the frame that shows the processor the image as given
+    tokens_on_one_grid: ClassVar[bool] = True  # each image's visual tokens tile one grid in raster order
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -139,11 +145,11 @@ class ModelAdapter:
         """Run the vision tower and projector on a processor batch (already on the model's device and dtype)."""
         raise NotImplementedError
 
-    def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """(width, height) in pixels of the image the vision tower saw, for a `grid` of visual tokens."""
+    def input_size(self, tokens: VisualTokens) -> tuple[int, int]:
+        """(width, height) in pixels of the image the vision tower saw, for these visual tokens."""
         raise NotImplementedError
 
-    def visual_layout(self, prefix_len: int, grid: tuple[int, int], suffix_len: int) -> VisualLayout:
+    def visual_layout(self, prefix_len: int, tokens: VisualTokens, suffix_len: int) -> VisualLayout:
         """A prompt's layout, with the original position IDs this architecture gives its visual tokens."""
         raise NotImplementedError
 

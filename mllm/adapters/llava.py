@@ -14,6 +14,7 @@ from mllm.adapters.base import ModelAdapter, VisionOutput, register_adapter
 from mllm.errors import UnsupportedModelError
 from mllm.images import FrameKind, ImageFrame, to_model_square
 from mllm.positions import VisualLayout
+from mllm.visual_tokens import VisualTokens
 
 
 @register_adapter
@@ -66,12 +67,12 @@ class LlavaAdapter(ModelAdapter):
         features, hidden = self.image_features(batch["pixel_values"], output_hidden_states)
         return VisionOutput(list(features), [self.grid] * features.shape[0], hidden)
 
-    def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+    def input_size(self, tokens: VisualTokens) -> tuple[int, int]:
         side = int(self.model.config.vision_config.image_size)
         return side, side
 
-    def visual_layout(self, prefix_len: int, grid: tuple[int, int], suffix_len: int) -> VisualLayout:
-        return VisualLayout.sequential(prefix_len, grid[0] * grid[1], suffix_len)
+    def visual_layout(self, prefix_len: int, tokens: VisualTokens, suffix_len: int) -> VisualLayout:
+        return VisualLayout.sequential(prefix_len, tokens.count, suffix_len)
 
     def image_features(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False

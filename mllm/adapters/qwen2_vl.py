@@ -21,6 +21,7 @@ from mllm.errors import CheckpointNotFoundError, ImageLoadError, KeepSetError, U
 from mllm.images import FrameKind, ImageFrame, to_model_square
 from mllm.positions import VisualLayout
 from mllm.processors import load_qwen_processor
+from mllm.visual_tokens import VisualTokens
 
 
 @register_adapter
@@ -128,11 +129,13 @@ class Qwen2VLAdapter(ModelAdapter):
             hidden = tuple(self.raster_patch_states(state, grid_thw) for state in outputs.hidden_states)
         return VisionOutput(list(outputs.pooler_output), grids, hidden)
 
-    def input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
-        return grid[1] * self.merged_patch_size, grid[0] * self.merged_patch_size
+    def input_size(self, tokens: VisualTokens) -> tuple[int, int]:
+        rows, cols = tokens.grids[0]
+        return cols * self.merged_patch_size, rows * self.merged_patch_size
 
-    def visual_layout(self, prefix_len: int, grid: tuple[int, int], suffix_len: int) -> VisualLayout:
-        return VisualLayout.grid(prefix_len, grid[0], grid[1], suffix_len)
+    def visual_layout(self, prefix_len: int, tokens: VisualTokens, suffix_len: int) -> VisualLayout:
+        rows, cols = tokens.grids[0]
+        return VisualLayout.grid(prefix_len, rows, cols, suffix_len)
 
     # --- vision-tower internals, per image in raster order (see the class docstring) ---------------------
     @property

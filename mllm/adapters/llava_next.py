@@ -1,0 +1,103 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`, llava-hf/llava-v1.6-*): anyres tiles with newline tokens.
+
+Each image is fed as its base crop (the whole image squashed to the tower's square, 24 x 24 tokens at 336 px)
+and then its tiles: the best canvas of `image_grid_pinpoints` for the image's aspect ratio, cut into tower-sized
+crops, stitched back into one feature grid, unpadded to the image's aspect ratio, and read row by row with an
+`image_newline` token after each row. Every token, newlines included, takes the next 1-D position ID. The token
+map (`mllm.visual_tokens.VisualTokens.llava_next`) says which each token is; transformers' own `pack_image_features`
+makes the features, and the map is built from transformers' own tile-shape and unpadding functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+from mllm.adapters.base import VisionOutput, register_adapter
+from mllm.adapters.llava import LlavaAdapter
+from mllm.errors import UnsupportedModelError
+from mllm.images import FrameKind, ImageFrame, to_model_square
+from mllm.visual_tokens import VisualTokens
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: LLaVA-1.5's tower, projector and LLM, fed a base crop and unpadded tiles with newlines."""
+
+    model_types = ("llava_next",)
+    model_class = LlavaNextForConditionalGeneration
+    processor_frame = "original"  # the processor keeps the aspect ratio (tiles) and squashes the base crop
+    tokens_on_one_grid = False
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        raise UnsupportedModelError("llava_next feeds a base crop and tiles with newline tokens, not one grid: read "
+                                    "each row's tokens from `Encoding.visual_tokens`")
+
+    @property
+    def fixed_grid(self) -> tuple[int, int] | None:
+        return None
+
+    @property
+    def crop_grid(self) -> tuple[int, int]:
+        """(rows, cols) of one tower crop's patch tokens (the base crop's, and each tile's)."""
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return side, side
+
+    def prepare_images(
+        self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
+    ) -> tuple[list[Image.Image], list[ImageFrame]]:
+        if frame not in ("original", "padded"):
+            raise ValueError(f"coordinate frame {frame!r} does not apply to llava_next, which tiles each image at its "
+                             "own aspect ratio: choose 'original' or 'padded'")
+        background = tuple(int(255 * channel) for channel in processor.image_processor.image_mean)
+        shown, frames = [], []
+        for image in images:
+            if frame == "padded":  # to a square, never resized: the processor tiles it
+                square, image_frame = to_model_square(image, "padded", max(image.size), background)
+            else:
+                square, image_frame = image, ImageFrame.for_image("original", image.width, image.height)
+            shown.append(square)
+            frames.append(image_frame)
+        return shown, frames
+
+    def token_map(self, image_size: Sequence[int]) -> VisualTokens:
+        """The tokens of an image of (height, width) `image_size`: the base crop, then the unpadded tile canvas."""
+        config = self.model.config
+        rows, cols = self.crop_grid
+        tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints,
+                                                       config.vision_config.image_size)
+        canvas = torch.empty(1, tiles_h * rows, tiles_w * cols)
+        unpadded = unpad_image(canvas, list(image_size))
+        return VisualTokens.llava_next((rows, cols), (int(unpadded.shape[1]), int(unpadded.shape[2])))
+
+    def encode_images(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False) -> VisionOutput:
+        if output_hidden_states:
+            raise UnsupportedModelError("llava_next: the vision tower's hidden states per crop are not exposed yet")
+        config = self.model.config
+        sizes = batch["image_sizes"]
+        outputs = self.model.model.get_image_features(
+            pixel_values=batch["pixel_values"], image_sizes=sizes, vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True)
+        tokens = [self.token_map(size) for size in sizes.tolist()]
+        packed = outputs.pooler_output  # one tensor, or (transformers >= 5.2x) one per image
+        features = list(packed) if isinstance(packed, (list, tuple)) else packed.split([row.count for row in tokens])
+        if any(len(part) != row.count for part, row in zip(features, tokens)):
+            raise RuntimeError("llava_next: the packed features do not match the token map")
+        return VisionOutput(list(features), [None] * len(tokens), None, tokens)
+
+    def input_size(self, tokens: VisualTokens) -> tuple[int, int]:
+        side = int(self.model.config.vision_config.image_size)
+        return side, side  # the base crop's; boxes are read in the original image's frame
+
+    def image_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        raise UnsupportedModelError("llava_next: its visual tokens are per image (base crop and tiles), not one "
+                                    "(B, N, D) tensor")

@@ -1,0 +1,107 @@
+"""LLaVA-NeXT through mllm, against transformers' own LlavaNextForConditionalGeneration, on a tiny random one
+(mllm.tiny.build_tiny_llava_next) and images of four aspect ratios, so every row carries another token count."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_tiny_llava_next import expected_tokens
+
+import mllm
+from grounding.evaluate import main as grounding_main
+from grounding.fixtures import write_jsonl_layout
+from misalign.ablate import main as misalign_main
+from mllm.selfcheck import transformers_generate_tokens
+from mllm.tiny import build_tiny_llava_next
+from mllm.visual_tokens import BASE, NEWLINE, TILE
+from pruning.evaluate import main as pruning_main
+
+SIZES = [(28, 28), (64, 32), (32, 64), (90, 30)]  # (width, height)
+PROMPTS = ["Where is the red circle?", "hi", "What colour is the square?", "x"]
+QUICK = ("--no-progress", "--bootstrap", "50", "--batch-size", "3")
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return build_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
+
+
+@pytest.fixture(scope="module")
+def llava_next(next_dir):
+    return mllm.load(next_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for width, height in SIZES]
+
+
+def test_unpruned_generate_equals_transformers_generate(llava_next, images):
+    encoding = llava_next.encode(images, PROMPTS, frame="original")
+    assert len(set(encoding.visual_counts)) == 4
+    ours = llava_next.generate(encoding, max_new_tokens=10)
+    assert ours.token_ids == transformers_generate_tokens(llava_next, images, encoding.prompts, 10)
+
+
+def test_every_visual_token_knows_what_it_is(llava_next, images):
+    encoding = llava_next.encode(images, PROMPTS, frame="original")
+    newline = llava_next.model.model.image_newline
+    for row, (width, height) in enumerate(SIZES):
+        tokens = encoding.visual_tokens[row]
+        assert tokens.count == encoding.visual_counts[row] == expected_tokens(width, height)
+        assert encoding.grids[row] is None and tokens.grid is None
+        assert (tokens.kind[:4] == BASE).all() and tokens.grids[0] == (2, 2)
+        rows, cols = tokens.grids[1]
+        assert tokens.counts() == {"base": 4, "tile": rows * cols, "newline": rows}
+        embeds = encoding.inputs_embeds[row, encoding.visual_slots(row)]
+        is_newline = torch.tensor([torch.equal(token, newline) for token in embeds])
+        assert torch.equal(is_newline, tokens.kind == NEWLINE)  # the newlines sit where the map says
+        tiles = tokens.kind == TILE
+        assert (tokens.row[tiles] < rows).all() and (tokens.col[tiles] < cols).all()
+        assert (tokens.col[tokens.kind == NEWLINE] == cols).all()
+    with pytest.raises(mllm.KeepSetError, match="not one grid"):
+        _ = encoding.grid
+
+
+def test_gap_keeps_each_kept_tokens_original_id(llava_next, images):
+    encoding = llava_next.encode(images, PROMPTS, frame="original")
+    generator = torch.Generator().manual_seed(0)
+    keep = [torch.randperm(count, generator=generator)[: count // 2].sort().values for count in encoding.visual_counts]
+    for policy in ("keep", "reassign"):
+        run = llava_next.generate(encoding, keep=keep, policy=policy, max_new_tokens=1, output_logits=True)
+        for row, kept in enumerate(keep):
+            padding, prefix, suffix = encoding.layout(row)
+            start, count = int(encoding.visual_start[row]), encoding.visual_counts[row]
+            embeds = encoding.inputs_embeds[row]
+            sequence = torch.cat([embeds[padding:start], embeds[start + kept], embeds[start + count:]])[None]
+            if policy == "keep":  # written here from the layout, not from mllm.positions
+                after = range(prefix + count, prefix + count + suffix)
+                ids = [*range(prefix), *(prefix + int(k) for k in kept), *after]
+            else:
+                ids = list(range(sequence.shape[1]))
+            ids = torch.tensor([ids])
+            reference = llava_next.model(inputs_embeds=sequence, attention_mask=torch.ones_like(ids), position_ids=ids)
+            mask = run.prefill_mask[row] == 1
+            torch.testing.assert_close(run.prefill_logits[row][mask], reference.logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_grounding_and_misalign_run_and_pruning_is_refused_by_name(next_dir, tmp_path, capsys):
+    data = write_jsonl_layout(tmp_path / "rec", count=4)
+    out = tmp_path / "grounding"
+    assert grounding_main([*map(str, ("--model", next_dir, "--dataset", "jsonl", "--data", data, "--split", "val",
+                                      "--out", out)), *QUICK]) == 0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all(record["error"] is None and record["visual_grid"] is None for record in records)
+    assert json.loads((out / "config.json").read_text())["prompt_style"]["image_frame"] == "original"
+    assert misalign_main([*map(str, ("--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--kind",
+                                     "permuted", "--strength", "0,1", "--out", tmp_path / "misalign")), *QUICK]) == 0
+    assert set(pd.read_csv(tmp_path / "misalign" / "ablation.csv").strength) == {0.0, 1.0}
+    assert pruning_main([*map(str, ("--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--methods",
+                                    "random", "--ratios", "0.5", "--out", tmp_path / "pruning")), *QUICK]) == 2
+    assert "newline" in capsys.readouterr().err
