@@ -36,11 +36,13 @@ from mllm.layer_pruning import LayerContext, LayerPruning, LayerSelection
 from mllm.loading import MLLM, load
 from mllm.positions import PositionPolicy, VisualLayout, next_position_id, position_ids, sequence_position_ids
 from mllm.prompts import build_prompt
+from mllm.visual_tokens import VisualTokens
 
 __all__ = [
     "MLLM", "AnswerAttention", "CheckpointNotFoundError", "Encoding", "ExtraTokens", "Generation", "ImageFrame",
     "ImageLoadError", "KeepSetError", "LayerContext", "LayerPruning", "LayerSelection", "MLLMError", "ModelAdapter",
-    "PositionPolicy", "PromptBatch", "PromptError", "UnsupportedModelError", "VisualLayout", "answer_attention",
+    "PositionPolicy", "PromptBatch", "PromptError", "UnsupportedModelError", "VisualLayout", "VisualTokens",
+    "answer_attention",
     "build_prompt", "build_prompt_batch", "encode", "encode_pixels", "generate", "load", "load_image",
     "merge_generations", "next_position_id", "position_ids", "register_adapter", "sequence_position_ids",
     "supported_model_types",

@@ -105,3 +105,12 @@ def test_grounding_and_misalign_run_and_pruning_is_refused_by_name(next_dir, tmp
     assert pruning_main([*map(str, ("--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--methods",
                                     "random", "--ratios", "0.5", "--out", tmp_path / "pruning")), *QUICK]) == 2
     assert "newline" in capsys.readouterr().err
+
+
+def test_the_token_map_of_one_grid_and_of_a_base_crop_with_tiles():
+    plain = mllm.VisualTokens.raster(2, 3)
+    assert plain.grid == (2, 3) and plain.row.tolist() == [0, 0, 0, 1, 1, 1] and plain.col.tolist() == [0, 1, 2] * 2
+    tiled = mllm.VisualTokens.llava_next((2, 2), (2, 3))
+    assert tiled.count == 4 + 2 * (3 + 1) and tiled.grid is None and tiled.grids == ((2, 2), (2, 3))
+    assert tiled.kind.tolist() == [BASE] * 4 + ([TILE] * 3 + [NEWLINE]) * 2
+    assert tiled.row[4:].tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and tiled.crop.tolist() == [0] * 4 + [1] * 8
