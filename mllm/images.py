@@ -9,6 +9,7 @@ which cuts off the sides of non-square images. This module is the one place that
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
@@ -93,6 +94,26 @@ class ImageFrame:
         x1, y1, x2, y2 = box
         return ((x1 - self.offset_x) / self.scale_x, (y1 - self.offset_y) / self.scale_y,
                 (x2 - self.offset_x) / self.scale_x, (y2 - self.offset_y) / self.scale_y)
+
+
+def at_own_aspect(
+    images: Sequence[Image.Image], frame: FrameKind, background: tuple[int, int, int], model_type: str
+) -> tuple[list[Image.Image], list[ImageFrame]]:
+    """What a model that keeps each image's aspect ratio (Qwen2-VL, LLaVA-NeXT) is shown under `frame`: the image as
+    given (`original`), or padded to the square of its longer side and never resized (`padded`): its processor
+    sizes it."""
+    if frame not in ("original", "padded"):
+        raise ValueError(f"coordinate frame {frame!r} does not apply to {model_type}, which keeps each image's aspect "
+                         "ratio: choose 'original' or 'padded'")
+    shown, frames = [], []
+    for image in images:
+        if frame == "padded":
+            square, image_frame = to_model_square(image, "padded", max(image.size), background)
+        else:
+            square, image_frame = image, ImageFrame.for_image("original", image.width, image.height)
+        shown.append(square)
+        frames.append(image_frame)
+    return shown, frames
 
 
 def to_model_square(

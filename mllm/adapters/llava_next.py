@@ -21,7 +21,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 from mllm.adapters.base import VisionOutput, register_adapter
 from mllm.adapters.llava import LlavaAdapter
 from mllm.errors import UnsupportedModelError
-from mllm.images import FrameKind, ImageFrame, to_model_square
+from mllm.images import FrameKind, ImageFrame, at_own_aspect
 from mllm.visual_tokens import VisualTokens
 
 
@@ -53,19 +53,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def prepare_images(
         self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
     ) -> tuple[list[Image.Image], list[ImageFrame]]:
-        if frame not in ("original", "padded"):
-            raise ValueError(f"coordinate frame {frame!r} does not apply to llava_next, which tiles each image at its "
-                             "own aspect ratio: choose 'original' or 'padded'")
         background = tuple(int(255 * channel) for channel in processor.image_processor.image_mean)
-        shown, frames = [], []
-        for image in images:
-            if frame == "padded":  # to a square, never resized: the processor tiles it
-                square, image_frame = to_model_square(image, "padded", max(image.size), background)
-            else:
-                square, image_frame = image, ImageFrame.for_image("original", image.width, image.height)
-            shown.append(square)
-            frames.append(image_frame)
-        return shown, frames
+        return at_own_aspect(images, frame, background, self.model_type)  # the processor tiles what it is shown
 
     def token_map(self, image_size: Sequence[int]) -> VisualTokens:
         """The tokens of an image of (height, width) `image_size`: the base crop, then the unpadded tile canvas."""

@@ -18,7 +18,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from mllm.adapters.base import ModelAdapter, VisionOutput, register_adapter
 from mllm.errors import CheckpointNotFoundError, ImageLoadError, KeepSetError, UnsupportedModelError
-from mllm.images import FrameKind, ImageFrame, to_model_square
+from mllm.images import FrameKind, ImageFrame, at_own_aspect
 from mllm.positions import VisualLayout
 from mllm.processors import load_qwen_processor
 from mllm.visual_tokens import VisualTokens
@@ -97,22 +97,13 @@ class Qwen2VLAdapter(ModelAdapter):
     def prepare_images(
         self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
     ) -> tuple[list[Image.Image], list[ImageFrame]]:
-        if frame not in ("original", "padded"):
-            raise ValueError(f"coordinate frame {frame!r} does not apply to {self.model_type}, which shows each "
-                             "image at its native aspect ratio: choose 'original' or 'padded'")
         background = tuple(int(255 * channel) for channel in processor.image_processor.image_mean)
+        shown, frames = at_own_aspect(images, frame, background, self.model_type)
         side = self.merged_patch_size
-        shown, frames = [], []
-        for index, image in enumerate(images):
-            if frame == "padded":  # to a square, never resized: the processor sizes it
-                square, image_frame = to_model_square(image, "padded", max(image.size), background)
-            else:
-                square, image_frame = image, ImageFrame.for_image("original", image.width, image.height)
+        for index, square in enumerate(shown):
             if min(square.size) < side:
                 raise ImageLoadError(f"image {index} is {square.width}x{square.height} pixels, smaller than one "
                                      f"merged patch ({side}x{side} pixels) of {self.model_type}")
-            shown.append(square)
-            frames.append(image_frame)
         return shown, frames
 
     def encode_images(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False) -> VisionOutput:
