@@ -60,3 +60,20 @@ def repo_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent
+
+
+# The analysis CLIs on tiny checkpoints: few bootstrap resamples, small batches, no progress bars.
+QUICK_CLI = ("--no-progress", "--bootstrap", "50", "--batch-size", "3")
+
+
+def run_cli(main, *args: object) -> int:
+    return main([*map(str, args), *QUICK_CLI])
+
+
+@pytest.fixture(scope="session")
+def rec_data(tmp_path_factory: pytest.TempPathFactory):
+    """Six REC samples in the JSONL layout the CLIs read (`grounding.fixtures`)."""
+    from grounding.fixtures import write_jsonl_layout
+
+    return write_jsonl_layout(tmp_path_factory.mktemp("rec"), count=6)
+

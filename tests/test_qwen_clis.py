@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 from grounding.evaluate import main as grounding_main
-from grounding.fixtures import write_jsonl_layout
 from misalign.ablate import main as misalign_main
 from mllm.tiny_qwen import build_tiny_qwen
 from pruning.evaluate import main as pruning_main
-
-QUICK = ("--no-progress", "--bootstrap", "50", "--batch-size", "3")
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +21,11 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen(tmp_path_factory.mktemp("qwen2_5_vl"), "qwen2_5_vl")
 
 
-@pytest.fixture(scope="module")
-def rec_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl_layout(tmp_path_factory.mktemp("rec"), count=6)
-
-
-def run(main, *args: object) -> int:
-    return main([*map(str, args), *QUICK])
 
 
 def test_grounding_evaluate_runs_on_qwen(qwen_dir, rec_data, tmp_path):
     out = tmp_path / "run"
-    assert run(grounding_main, "--model", qwen_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+    assert run_cli(grounding_main, "--model", qwen_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
                "--out", out, "--max-pixels", 64 * 64) == 0
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(record["error"] is None for record in records)
@@ -48,24 +39,24 @@ def test_misalign_ablate_runs_every_kind_on_qwen(qwen_dir, rec_data, tmp_path):
     for kind, strengths in (("transposed", "0,1"), ("shifted:axis=2", "3"), ("permuted:axis=1", "1"),
                             ("token-permutation", "1"), ("span-shift:start=2", "2")):
         out = tmp_path / kind.replace(":", "_")
-        assert run(misalign_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+        assert run_cli(misalign_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                    "--kind", kind, "--strength", strengths, "--out", out) == 0
         table = pd.read_csv(out / "ablation.csv")
         assert set(table.strength) == {float(s) for s in strengths.split(",")}
 
 
 def test_misalign_refuses_transpose_on_llava(tiny_checkpoint, rec_data, tmp_path, capsys):
-    assert run(misalign_main, "--model", tiny_checkpoint, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(misalign_main, "--model", tiny_checkpoint, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--kind", "transposed", "--strength", "1", "--out", tmp_path / "out") == 2
     assert "transpose" in capsys.readouterr().err
 
 
 def test_pruning_evaluate_runs_on_qwen_under_every_policy(qwen_dir, rec_data, tmp_path):
     out = tmp_path / "pruning"
-    assert run(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--methods", "random,spatial,text-visual", "--ratios", "0.5",
                "--positions", "reassign,keep,compact", "--out", out) == 0
-    assert run(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--methods", "fastv:layer=1,sparsevlm", "--ratios", "0.5", "--positions", "reassign,keep",
                "--out", out) == 0
     table = pd.read_csv(out / "pruning.csv")
@@ -79,10 +70,10 @@ def test_pruning_evaluate_runs_on_qwen_under_every_policy(qwen_dir, rec_data, tm
 
 
 def test_pruning_refuses_cls_methods_and_compact_inside_the_llm_on_qwen(qwen_dir, rec_data, tmp_path, capsys):
-    assert run(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--methods", "visionzip", "--ratios", "0.5", "--out", tmp_path / "a") == 2
     assert "'visionzip'" in (err := capsys.readouterr().err) and "qwen2_5_vl" in err and "CLS" in err
-    assert run(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(pruning_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--methods", "fastv", "--ratios", "0.5", "--positions", "compact", "--out", tmp_path / "b") == 2
     assert "compact" in capsys.readouterr().err
 
@@ -119,7 +110,7 @@ def test_coverage_and_attention_run_on_qwen_with_rows_of_different_grids(qwen_di
     from pruning.coverage import main as coverage_main
 
     out = tmp_path / "attention"
-    assert run(attention_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--methods", "random,spatial",
+    assert run_cli(attention_main, "--model", qwen_dir, "--rec", f"jsonl:{rec_data}", "--methods", "random,spatial",
                "--ratios", "0.5", "--positions", "reassign,compact,keep", "--out", out, "--max-pixels", 64 * 64) == 0
     config = json.loads((qwen_dir / "config.json").read_text())
     layers = config.get("text_config", config)["num_hidden_layers"]

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from test_generation import kept_reference_inputs, random_keep
 
 import mllm
 from grounding.evaluate import main as grounding_main
-from grounding.fixtures import write_jsonl_layout
 from grounding.prompts import default_style_for
 from misalign.ablate import main as misalign_main
 from mllm.selfcheck import transformers_generate_tokens
@@ -23,7 +23,6 @@ from probes.layerwise import main as probes_main
 from pruning.evaluate import main as pruning_main
 
 QUESTIONS = ["Where is the red circle <image>?", "Where is <image> the cup?", "<image> How many?", "count them"]
-QUICK = ("--no-progress", "--bootstrap", "50", "--batch-size", "3")
 
 
 @pytest.fixture(scope="module")
@@ -89,26 +88,19 @@ def test_shikra_answers_are_read_as_fractions_of_the_padded_square():
     assert style.text("rec", "the red cup") == "Where is the red cup <image>?"
 
 
-@pytest.fixture(scope="module")
-def rec_data(tmp_path_factory):
-    return write_jsonl_layout(tmp_path_factory.mktemp("rec"), count=6)
-
-
-def run(main, *args: object) -> int:
-    return main([*map(str, args), *QUICK])
 
 
 def test_every_analysis_cli_runs_on_shikra(shikra_dir, rec_data, tmp_path):
     out = tmp_path / "grounding"
-    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+    assert run_cli(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
                "--out", out) == 0
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(record["error"] is None for record in records)
     assert json.loads((out / "config.json").read_text())["prompt_style"]["name"] == "shikra"
-    assert run(misalign_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(misalign_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--kind", "permuted", "--strength", "0,1", "--out", tmp_path / "misalign") == 0
     assert set(pd.read_csv(tmp_path / "misalign" / "ablation.csv").strength) == {0.0, 1.0}
-    assert run(pruning_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
+    assert run_cli(pruning_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                "--methods", "random,cls-visual,prumerge+,fastv", "--ratios", "0.5", "--positions", "reassign,keep",
                "--out", tmp_path / "pruning") == 0
     table = pd.read_csv(tmp_path / "pruning" / "pruning.csv")
@@ -119,8 +111,9 @@ def test_every_analysis_cli_runs_on_shikra(shikra_dir, rec_data, tmp_path):
 
     assert coverage_main([str(tmp_path / "pruning")]) == 0
     assert set(pd.read_csv(tmp_path / "pruning" / "coverage" / "coverage.csv").positions) == {"reassign", "keep"}
-    assert run(attention_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--methods", "random,cls-visual",
-               "--ratios", "0.5", "--positions", "reassign,keep", "--out", tmp_path / "attention") == 0
+    assert run_cli(attention_main, "--model", shikra_dir, "--rec", f"jsonl:{rec_data}", "--methods",
+                   "random,cls-visual", "--ratios", "0.5", "--positions", "reassign,keep",
+                   "--out", tmp_path / "attention") == 0
     assert pd.read_csv(tmp_path / "attention" / "attention.csv").visual.between(0, 1).all()
     images = rec_data / "images"
     assert probes_main(["--model", str(shikra_dir), "--images", str(images), "--out", str(tmp_path / "probe"),
@@ -155,14 +148,14 @@ def test_rec_templates_in_shikras_format_are_drawn_per_sample_and_seeded(tmp_pat
 def test_the_clis_ask_the_templates_given_and_record_them(shikra_dir, rec_data, tmp_path):
     templates = write_templates(tmp_path / "REC.json", ["Where is <expr> <image>?", "<image> Locate <expr>."])
     out = tmp_path / "run"
-    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+    assert run_cli(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
                "--out", out, "--rec-templates", templates, "--template-seed", 7) == 0
     style = json.loads((out / "config.json").read_text())["prompt_style"]
     assert style["rec_templates"] == ["Where is {expression} <image>?", "<image> Locate {expression}."]
     assert style["template_seed"] == 7
-    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+    assert run_cli(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
                "--out", tmp_path / "one", "--rec-templates", templates, "--rec-template-index", 1) == 0
     assert json.loads((tmp_path / "one" / "config.json").read_text())["prompt_style"]["rec_templates"] == \
         ["<image> Locate {expression}."]
-    assert run(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
+    assert run_cli(grounding_main, "--model", shikra_dir, "--dataset", "jsonl", "--data", rec_data, "--split", "val",
                "--out", tmp_path / "bad", "--rec-templates", templates, "--rec-template-index", 2) == 2
