@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from test_tiny_llava_next import expected_tokens
 
 import mllm
 from grounding.evaluate import main as grounding_main
-from grounding.fixtures import write_jsonl_layout
 from misalign.ablate import main as misalign_main
 from mllm.selfcheck import transformers_generate_tokens
 from mllm.tiny import build_tiny_llava_next
@@ -23,7 +23,6 @@ from pruning.evaluate import main as pruning_main
 
 SIZES = [(28, 28), (64, 32), (32, 64), (90, 30)]  # (width, height)
 PROMPTS = ["Where is the red circle?", "hi", "What colour is the square?", "x"]
-QUICK = ("--no-progress", "--bootstrap", "50", "--batch-size", "3")
 
 
 @pytest.fixture(scope="module")
@@ -91,19 +90,18 @@ def test_gap_keeps_each_kept_tokens_original_id(llava_next, images):
             torch.testing.assert_close(run.prefill_logits[row][mask], reference.logits[0], atol=1e-5, rtol=1e-5)
 
 
-def test_grounding_and_misalign_run_and_pruning_is_refused_by_name(next_dir, tmp_path, capsys):
-    data = write_jsonl_layout(tmp_path / "rec", count=4)
-    out = tmp_path / "grounding"
-    assert grounding_main([*map(str, ("--model", next_dir, "--dataset", "jsonl", "--data", data, "--split", "val",
-                                      "--out", out)), *QUICK]) == 0
+def test_grounding_and_misalign_run_and_pruning_is_refused_by_name(next_dir, rec_data, tmp_path, capsys):
+    data, out = rec_data, tmp_path / "grounding"
+    assert run_cli(grounding_main, "--model", next_dir, "--dataset", "jsonl", "--data", data, "--split", "val",
+                   "--out", out) == 0
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all(record["error"] is None and record["visual_grid"] is None for record in records)
     assert json.loads((out / "config.json").read_text())["prompt_style"]["image_frame"] == "original"
-    assert misalign_main([*map(str, ("--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--kind",
-                                     "permuted", "--strength", "0,1", "--out", tmp_path / "misalign")), *QUICK]) == 0
+    assert run_cli(misalign_main, "--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--kind",
+                   "permuted", "--strength", "0,1", "--out", tmp_path / "misalign") == 0
     assert set(pd.read_csv(tmp_path / "misalign" / "ablation.csv").strength) == {0.0, 1.0}
-    assert pruning_main([*map(str, ("--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--methods",
-                                    "random", "--ratios", "0.5", "--out", tmp_path / "pruning")), *QUICK]) == 2
+    assert run_cli(pruning_main, "--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--methods",
+                   "random", "--ratios", "0.5", "--out", tmp_path / "pruning") == 2
     assert "newline" in capsys.readouterr().err
 
 
@@ -114,3 +112,12 @@ def test_the_token_map_of_one_grid_and_of_a_base_crop_with_tiles():
     assert tiled.count == 4 + 2 * (3 + 1) and tiled.grid is None and tiled.grids == ((2, 2), (2, 3))
     assert tiled.kind.tolist() == [BASE] * 4 + ([TILE] * 3 + [NEWLINE]) * 2
     assert tiled.row[4:].tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and tiled.crop.tolist() == [0] * 4 + [1] * 8
+
+
+def test_the_image_is_shown_at_its_own_aspect_or_padded_and_a_crop_is_refused(llava_next, images):
+    padded = llava_next.encode(images[1:2], PROMPTS[:1], frame="padded")  # 64x32 padded to 64x64: a square's tiles
+    square = llava_next.encode([Image.new("RGB", (64, 64))], PROMPTS[:1], frame="original")
+    assert padded.visual_counts == square.visual_counts != llava_next.encode(images[1:2], PROMPTS[:1],
+                                                                             frame="original").visual_counts
+    with pytest.raises(ValueError, match="frame 'cropped' does not apply to llava_next"):
+        llava_next.encode(images[:1], PROMPTS[:1], frame="cropped")
