@@ -60,7 +60,6 @@ from mllm.prompts import build_prompt, image_token
 from mllm.tiny import TinyLlavaConfig, tiny_llava_config
 from mllm.tiny_qwen import TinyQwenConfig
 
-TOWERS = ("contrastive", "spatial")
 IGNORE = -100
 TASKS = ("rec", "vqa", "caption", "where", "region")
 

@@ -139,14 +139,16 @@ def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMet
                          **generate_options)
 
 
+# Why a model whose visual tokens are no single grid (LLaVA-NeXT) cannot be pruned yet.
+NO_GRID = ("a base crop and tiles with newline tokens; pruning them needs a rule for the newlines and per-crop "
+           "budgets, not implemented yet (mllm.generate takes your own keep sets)")
+
+
 def grid_groups(encoding: mllm.Encoding) -> list[list[int]]:
     """The batch's rows grouped by their image's grid, in order of first appearance (one group when fixed)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for row, grid in enumerate(encoding.grids):
         if grid is None:
-            kinds = encoding.visual_tokens[row].counts()
-            raise ValueError(f"row {row}: its visual tokens are a base crop and tiles with newline tokens ({kinds}); "
-                             "pruning them needs a rule for the newlines and per-crop budgets, not implemented yet "
-                             "(mllm.generate takes your own keep sets)")
+            raise ValueError(f"row {row}: its visual tokens ({encoding.visual_tokens[row].counts()}) are {NO_GRID}")
         groups.setdefault(grid, []).append(row)
     return list(groups.values())

@@ -60,7 +60,16 @@ from grounding.tasks import (
     task_datasets,
 )
 from mllm.specs import spec_slug
-from pruning.apply import POSITIONS, BatchSelections, Feed, feed_order, mllm_policy, prune_generate, pruned_feed
+from pruning.apply import (
+    NO_GRID,
+    POSITIONS,
+    BatchSelections,
+    Feed,
+    feed_order,
+    mllm_policy,
+    prune_generate,
+    pruned_feed,
+)
 from pruning.budget import Budget
 from pruning.registry import LayerPruningMethod, PruningMethod, make_method, method_spec
 
@@ -168,9 +177,7 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
     if not model.adapter.tokens_on_one_grid:
-        raise ValueError(f"{model.model.config.model_type} feeds a base crop and tiles with newline tokens; pruning "
-                         "them needs a rule for the newlines and per-crop budgets, not implemented yet "
-                         "(mllm.generate takes your own keep sets)")
+        raise ValueError(f"{model.model.config.model_type}'s visual tokens are {NO_GRID}")
     # A method that cannot read this model (trim's CLIP width) fails here, before anything is written.
     encode_options = [method.encode_options(model) for method in methods]
     for method in methods:
