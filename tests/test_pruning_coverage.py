@@ -132,6 +132,17 @@ def test_records_written_before_kept_masks_are_refused_by_file_and_field(tmp_pat
     assert str(run) in error and "'visual_kept'" in error and "sample 2" in error
 
 
+def test_records_of_tokens_on_no_single_grid_are_refused_by_file_and_field(tmp_path, capsys):
+    out = constructed_pruning_dir(tmp_path / "run", lambda rng, fully: False, samples=5)
+    run = out / "rec" / "random" / "0.5" / "keep" / "samples.jsonl"
+    records = [json.loads(line) for line in run.read_text().splitlines()]
+    records[1]["visual_grid"] = None  # what grounding writes for LLaVA-NeXT's base crop and tiles
+    run.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert main([str(out)]) == 2
+    error = capsys.readouterr().err
+    assert str(run) in error and "'visual_grid' null" in error and "sample 1" in error
+
+
 @pytest.fixture(scope="module")
 def miniature_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("coverage") / "run"
