@@ -108,12 +108,12 @@ class Architecture:
     def load_tower(self, model: PreTrainedModel, vision: nn.Module) -> None:
         raise NotImplementedError
 
-    def freeze_tower(self, model: PreTrainedModel) -> None:
-        """Freeze what stage 2 leaves as stage 1 trained it."""
+    def freeze_tower(self, model: PreTrainedModel, *, blocks: bool = True) -> None:
+        """Freeze what stage 2 leaves as stage 1 trained it: the tower's blocks unless `blocks` is False."""
         raise NotImplementedError
 
     def features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The frozen tower's output per image: what stage 2's projector reads."""
+        """The tower's output per image: what stage 2's projector reads."""
         raise NotImplementedError
 
     def logits(self, model: PreTrainedModel, features: Sequence[torch.Tensor], ids: torch.Tensor,
@@ -164,8 +164,8 @@ class Llava(Architecture):
     def load_tower(self, model: PreTrainedModel, vision: nn.Module) -> None:
         model.model.vision_tower.load_state_dict(vision.state_dict())
 
-    def freeze_tower(self, model: PreTrainedModel) -> None:
-        model.model.vision_tower.requires_grad_(False).eval()
+    def freeze_tower(self, model: PreTrainedModel, *, blocks: bool = True) -> None:
+        model.model.vision_tower.requires_grad_(not blocks).eval()  # eval either way: CLIP has no dropout
 
     def features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         layer = model.config.vision_feature_layer
@@ -237,10 +237,10 @@ class Qwen2VL(Architecture):
     def load_tower(self, model: PreTrainedModel, vision: nn.Module) -> None:
         model.model.visual.load_state_dict(vision.state_dict())
 
-    def freeze_tower(self, model: PreTrainedModel) -> None:
+    def freeze_tower(self, model: PreTrainedModel, *, blocks: bool = True) -> None:
         # The merger is Qwen's projector: stage 2 trains it, as LLaVA's stage 2 trains its MLP.
         visual = model.model.visual
-        visual.requires_grad_(False).eval()
+        visual.requires_grad_(not blocks).eval()
         visual.merger.requires_grad_(True)
 
     def features(self, model: PreTrainedModel, pixels: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -131,7 +131,7 @@ def _metric(metrics: dict, name: str) -> str:
     return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def _llava_parts(vision: dict, text: dict) -> dict[str, str]:
+def _llava_parts(vision: dict, text: dict, tower_trained: bool) -> dict[str, str]:
     grid = vision["image_size"] // vision["patch_size"]
     return {
         "what": "A miniature LLaVA-1.5 trained on the toolkit's synthetic world (`minillava.world`), in the llava-hf "
@@ -143,13 +143,13 @@ def _llava_parts(vision: dict, text: dict) -> dict[str, str]:
         "llm": f"- LLM: Llama, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
                f"{text['num_attention_heads']} heads, RoPE; vocabulary {text['vocab_size']} (BPE on the world's "
                "text, one token per digit).",
-        "trained": "Projector + LLM, tower frozen",
+        "trained": "Tower + projector + LLM" if tower_trained else "Projector + LLM, tower frozen",
         "faithful": "LLaVA's architecture and recipe, not to its scale",
         "sizes": "one image size",
     }
 
 
-def _qwen_parts(vision: dict, text: dict, checkpoint: Path) -> dict[str, str]:
+def _qwen_parts(vision: dict, text: dict, checkpoint: Path, tower_trained: bool) -> dict[str, str]:
     processor = json.loads((checkpoint / "preprocessor_config.json").read_text())
     pixels = processor.get("size", {})
     side = vision["patch_size"] * vision["spatial_merge_size"]
@@ -168,7 +168,7 @@ def _qwen_parts(vision: dict, text: dict, checkpoint: Path) -> dict[str, str]:
         "llm": f"- LLM: Qwen2, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, {heads}, "
                f"M-RoPE (t, h, w sections {sections}); vocabulary {text['vocab_size']} (BPE on the world's text, "
                "one token per digit, Qwen's special tokens).",
-        "trained": "Merger + LLM, ViT frozen",
+        "trained": "ViT + merger + LLM" if tower_trained else "Merger + LLM, ViT frozen",
         "faithful": "Qwen2-VL's architecture and to LLaVA's two-stage recipe, not to their scale",
         "sizes": "square scenes only",
     }
@@ -180,7 +180,9 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
     model_config = json.loads((checkpoint / "config.json").read_text())
     vision, text = model_config["vision_config"], model_config["text_config"]
     arch = architecture(config.get("arch", "llava"))
-    parts = _llava_parts(vision, text) if arch.name == "llava" else _qwen_parts(vision, text, checkpoint)
+    tower_trained = config.get("stage2_tower", "frozen") == "trained"
+    parts = (_llava_parts(vision, text, tower_trained) if arch.name == "llava" else
+             _qwen_parts(vision, text, checkpoint, tower_trained))
     style = default_style_for(model_config["model_type"])
     scenes = ("" if arch.name == "llava" else
               f" Scenes of {', '.join(map(str, QWEN_SCENE_SIZES[config['preset']]))} px, in turn.")

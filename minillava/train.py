@@ -13,7 +13,8 @@ M-RoPE; scenes at several sizes, answers in Qwen2-VL's box format). The recipe i
 Stage 1 trains the ViT contrastively on position-free captions (`--tower spatial` adds a small
 loss that keeps patch position linearly decodable in the tower's last two layers). Stage 2 freezes
 the vision tower and trains projector + Llama on REC and VQA instructions and captions, worded as the
-`llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only. Each stage logs
+`llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only; `--stage2-tower trained`
+trains the tower's blocks with them, as Qwen2-VL's own second stage does. Each stage logs
 to `<work>/log.csv`, saves its state every `--save-every` steps and resumes from it when rerun.
 `--tower-from DIR` skips stage 1 and starts stage 2 from the vision tower of a finished
 miniature, whose `training.json` must record the stage-1 settings of this run (its stage-1 log rows
@@ -61,6 +62,7 @@ from mllm.tiny import TinyLlavaConfig, tiny_llava_config
 from mllm.tiny_qwen import TinyQwenConfig
 
 IGNORE = -100
+STAGE2_TOWERS = ("frozen", "trained")
 TASKS = ("rec", "vqa", "caption", "where", "region")
 
 
@@ -80,6 +82,7 @@ class TrainConfig:
     stage2_steps: int = 10000
     stage2_batch: int = 32
     stage2_lr: float = 5e-4
+    stage2_tower: str = "frozen"  # or "trained": stage 2 trains the ViT blocks too (see `train_llm`)
     train_scenes: int = 20000
     rec_fraction: float = 0.6
     caption_fraction: float = 0.15
@@ -398,6 +401,25 @@ def tower_features(model: PreTrainedModel, config: TrainConfig, processor: objec
     return out
 
 
+def scene_pixels(config: TrainConfig, processor: object) -> list[dict[str, torch.Tensor]]:
+    """Each training scene's tower input, for a tower stage 2 trains (`--stage2-tower trained`)."""
+    arch = config.architecture
+    return [arch.pixels(processor, [make_scene(train_seed(config, i), arch.scene_size(config.preset, i)).render()])
+            for i in range(config.train_scenes)]
+
+
+def batch_features(model: PreTrainedModel, arch: Architecture, pixels: Sequence[dict[str, torch.Tensor]],
+                   scenes: Sequence[int], device: torch.device) -> list[torch.Tensor]:
+    """The tower's output (with gradients) for each query's scene, each distinct scene run once.
+
+    Every architecture's tower input concatenates along its first dimension (LLaVA's images, Qwen's patch rows
+    and grids), so a batch of scenes is their inputs concatenated."""
+    distinct = sorted(set(scenes))
+    batch = {key: torch.cat([pixels[scene][key] for scene in distinct]).to(device) for key in pixels[distinct[0]]}
+    by_scene = dict(zip(distinct, arch.features(model, batch)))
+    return [by_scene[scene] for scene in scenes]
+
+
 def instruction_batch(rows: np.ndarray, data: Instructions, pad_id: int) -> tuple[torch.Tensor, ...]:
     """Right-padded ids, labels (answers only) and mask for the queries `rows`."""
     length = max(len(data.ids[row]) for row in rows)
@@ -465,13 +487,15 @@ def train_llm(config: TrainConfig, clip: nn.Module, processor: object, work: Pat
     model = arch.build_model(config.preset, tokenizer)
     arch.load_tower(model, clip.vision_model)
     model.to(device)
-    arch.freeze_tower(model)
+    tower_trained = config.stage2_tower == "trained"
+    arch.freeze_tower(model, blocks=not tower_trained)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=0.0)
     start, seconds = _resume(work / "stage2.pt", config, model, optimizer)  # refuses a mismatch before the slow part
     log.resume("stage2", start)
     data = build_instructions(config, processor)
-    features = tower_features(model, config, processor, device)
+    # A frozen tower's features are computed once; a trained one is run on each batch's scenes.
+    source = (scene_pixels(config, processor) if tower_trained else tower_features(model, config, processor, device))
     model.model.language_model.train()
     began = time.perf_counter() - seconds
     for step in tqdm(range(start, config.stage2_steps), initial=start, total=config.stage2_steps,
@@ -482,8 +506,10 @@ def train_llm(config: TrainConfig, clip: nn.Module, processor: object, work: Pat
         rows = np.concatenate([rng.choice(data.by_task[task], counts[task]) for task in TASKS])
         lr = learning_rate(step, config.stage2_steps, config.stage2_lr, config.warmup)
         ids, labels, mask = (t.to(device) for t in instruction_batch(rows, data, tokenizer.pad_token_id))
-        scene_features = [features[data.scene[row]].to(device) for row in rows]
+        scenes = [data.scene[row] for row in rows]
         with autocast(device, config.precision):
+            scene_features = (batch_features(model, arch, source, scenes, device) if tower_trained else
+                              [source[scene].to(device) for scene in scenes])
             loss = instruction_loss(model, scene_features, ids, labels, mask, tasks=tasks)
         _update(loss, optimizer, trainable, lr)
         log.write("stage2", step, loss.item(), lr, time.perf_counter() - began)
@@ -502,6 +528,8 @@ def train(config: TrainConfig, out: Path, work: Path, progress: bool = True, *,
     arch = config.architecture
     if config.tower not in arch.towers:
         raise SystemExit(f"--tower {config.tower!r}: --arch {arch.name} trains one of {arch.towers}")
+    if config.stage2_tower not in STAGE2_TOWERS:  # checked before stage 1, not after it
+        raise SystemExit(f"--stage2-tower {config.stage2_tower!r}: choose one of {STAGE2_TOWERS}")
     if config.tower_from and arch.name != "llava":
         raise SystemExit(f"--tower-from: implemented for --arch llava, not {arch.name}")
     work.mkdir(parents=True, exist_ok=True)

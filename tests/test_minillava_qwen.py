@@ -125,6 +125,49 @@ def test_stage2_freezes_the_vit_and_trains_the_merger(trained):
                for key in merger)
 
 
+def test_a_stage2_that_trains_the_vit_feeds_each_scene_through_it_with_gradients(trained, tmp_path):
+    """`--stage2-tower trained`: each batch's scenes go through the ViT (each once), the loss is transformers'
+    forward from pixels, the ViT blocks get gradients and move, and the card says so."""
+    out, _ = trained
+    model = mllm.load(out, device="cpu", dtype="float32")
+    network, processor = model.model, model.processor
+    config = qwen_config(stage2_tower="trained")
+    pixels = training.scene_pixels(config, processor)
+    assert len(pixels) == config.train_scenes
+    scenes = [3, 0, 3, 1]  # a scene twice in one batch, two sizes
+    texts = [(scene, *next(item for item in instruction_texts(training.train_seed(config, scene),
+                                                               QWEN.scene_size("test", scene), "qwen2-vl")
+                            if item[0] == "rec")) for scene in scenes]
+    data = tokenize_instructions(processor, texts, [QWEN.num_visual("test", QWEN.scene_size("test", scene))
+                                                    for scene in scenes], QWEN.answer_separator)
+    ids, labels, mask = instruction_batch(np.arange(len(scenes)), data, processor.tokenizer.pad_token_id)
+    QWEN.freeze_tower(network, blocks=False)
+    features = training.batch_features(network, QWEN, pixels, scenes, torch.device("cpu"))
+    assert torch.equal(features[0], features[2]) and len({len(part) for part in features}) == 2
+    loss = instruction_loss(network, features, ids, labels, mask, tasks=["rec"] * len(scenes))
+    both = {key: torch.cat([pixels[scene][key] for scene in scenes]) for key in pixels[0]}
+    expected = network(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=both["pixel_values"],
+                       image_grid_thw=both["image_grid_thw"],
+                       mm_token_type_ids=(ids == network.config.image_token_id).int()).loss
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert network.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+    trained_out = training.train(qwen_config(stage2_tower="trained", stage2_steps=10), tmp_path / "model",
+                                 tmp_path / "work", progress=False)
+    state = torch.load(tmp_path / "work" / "stage2.pt", weights_only=False)["model"]
+    stage1 = torch.load(tmp_path / "work" / "stage1.pt", weights_only=False)["model"]
+    blocks = [key for key in state if key.startswith("model.visual.blocks.")]
+    assert any(not torch.equal(state[key], stage1["0.vision_model." + key.removeprefix("model.visual.")])
+               for key in blocks)
+    from minillava.card import evaluate_and_card
+
+    write_eval_split(tmp_path / "split", rec_scenes=2, vqa_scenes=1, size=max(QWEN_SCENE_SIZES["test"]))
+    evaluate_and_card(trained_out, tmp_path / "split", tmp_path / "results", device="cpu")
+    card = (trained_out / "README.md").read_text()
+    assert "ViT + merger + LLM" in card and "--stage2-tower trained" in card
+
+
 def test_qwen_runs_repeat_with_the_same_seed(trained, tmp_path):
     _, work = trained
     again = training.train(qwen_config(), tmp_path / "model", tmp_path / "work", progress=False)
@@ -173,6 +216,7 @@ def test_the_qwen_card_describes_its_architecture_and_what_was_measured(trained,
     ({"tower": "spatial"}, "--arch qwen2-vl trains one of"),
     ({"tower_from": "data/minillava/spatial"}, "--tower-from: implemented for --arch llava"),
     ({"arch": "qwen3"}, "--arch 'qwen3'"),
+    ({"stage2_tower": "partly"}, "--stage2-tower 'partly'"),
 ])
 def test_what_the_qwen_miniature_cannot_train_is_refused(tmp_path, changes, message):
     with pytest.raises(SystemExit, match=message):
