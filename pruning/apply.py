@@ -9,7 +9,8 @@ The three position policies a pruning run compares:
 - ``compact``: raster order, the kept tokens at the image's first raster slots' IDs, text renumbered after
   them (what ports that slice Qwen2-VL's precomputed M-RoPE IDs to the kept count do; ``reassign`` for LLaVA).
 
-Merged tokens sit at their host's position (see `pruning.registry.Selection`).
+Merged tokens sit at their host's position (see `pruning.registry.Selection`). Visual tokens of several
+crops with newline tokens (LLaVA-NeXT) are selected crop by crop under a `pruning.crops.CropRule`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 import mllm
 from pruning.budget import Budget
+from pruning.crops import CropRule, CropSelector
 from pruning.registry import LayerPruningMethod, PruningMethod, Selection, VisionPruning, make_method, method_spec
 
 POSITIONS = ("reassign", "reassign-raster", "keep", "compact")
@@ -57,10 +59,16 @@ def with_merged_features(encoding: mllm.Encoding, selection: Selection) -> mllm.
     return dataclasses.replace(encoding, inputs_embeds=embeds)
 
 
-def select_tokens(model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning, budget: Budget) -> Selection:
-    """`method`'s checked selection on a batch of one grid, at `budget`."""
+def select_tokens(model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning, budget: Budget,
+                  crops: CropRule | None = None) -> Selection:
+    """`method`'s checked selection at `budget` on a batch of one token map: one grid, or several crops with
+    newlines, selected under `crops` (default `CropRule()`)."""
+    num_fed = budget.num_kept(encoding.num_visual)
     with torch.no_grad():
-        selection = method.select(model, encoding, budget.num_kept(encoding.num_visual))
+        if encoding.grids[0] is None:
+            selection = CropSelector(model, encoding, method, crops or CropRule()).select(num_fed)
+        else:
+            selection = method.select(model, encoding, num_fed)
     check_selection(selection, encoding, method)
     return selection
 
@@ -74,12 +82,12 @@ class BatchSelections:
         self._selections: dict[tuple[str, str], Selection] = {}
 
     def __call__(self, model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning,
-                 budget: Budget) -> Selection:
+                 budget: Budget, crops: CropRule | None = None) -> Selection:
         if encoding is not self._encoding:  # a new batch: the old selections are of no use
             self._encoding, self._selections = encoding, {}
-        key = (method_spec(method), str(budget))
+        key = (method_spec(method), str(budget), crops)
         if key not in self._selections:
-            self._selections[key] = select_tokens(model, encoding, method, budget)
+            self._selections[key] = select_tokens(model, encoding, method, budget, crops)
         return self._selections[key]
 
 
@@ -103,9 +111,9 @@ class Feed:
 
 
 def pruned_feed(model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning, budget: Budget, positions: str,
-                *, selections: BatchSelections | None = None) -> Feed:
-    """`method`'s selection on a batch of one grid at `budget`, laid out for the LLM under `positions`."""
-    selection = (selections or select_tokens)(model, encoding, method, budget)
+                *, selections: BatchSelections | None = None, crops: CropRule | None = None) -> Feed:
+    """`method`'s selection on a batch of one token map at `budget`, laid out for the LLM under `positions`."""
+    selection = (selections or select_tokens)(model, encoding, method, budget, crops)
     extra = None
     if selection.extra is not None:
         extra = mllm.ExtraTokens(selection.extra, selection.extra_anchors)
@@ -115,40 +123,43 @@ def pruned_feed(model: mllm.MLLM, encoding: mllm.Encoding, method: VisionPruning
 
 def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMethod | str, budget: Budget | str,
                    positions: str = "keep", *, selections: BatchSelections | None = None,
-                   **generate_options: object) -> mllm.Generation:
+                   crops: CropRule | None = None, **generate_options: object) -> mllm.Generation:
     """Prune `encoding`'s visual tokens with `method` to `budget`, number them by `positions`, generate.
 
     `encoding` must carry what the method reads (`method.encode_options(model)` passed to `encode`).
-    `selections` lets runs on the same batch share a pre-LLM method's selection.
+    `selections` lets runs on the same batch share a pre-LLM method's selection. `crops` says how visual
+    tokens of several crops with newlines are pruned (`pruning.crops`; ignored on one grid).
     """
     method = make_method(method)
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget)
     policy = mllm_policy(positions)
-    groups = grid_groups(encoding)
-    if len(groups) > 1:  # native-resolution images: each grid is a batch of its own, budgeted on its own count
-        parts = [(rows, prune_generate(model, encoding.subset(rows), method, budget, positions, **generate_options))
-                 for rows in groups]
+    groups = layout_groups(encoding)
+    if len(groups) > 1:  # native-resolution or tiled images: each token map a batch of its own, on its own count
+        parts = [(rows, prune_generate(model, encoding.subset(rows), method, budget, positions, crops=crops,
+                                       **generate_options)) for rows in groups]
         return mllm.merge_generations(parts, encoding.batch_size)
     if isinstance(method, LayerPruningMethod):
+        if encoding.grids[0] is None:
+            raise ValueError(f"{NOT_ON_CROPS}: {method_spec(method)!r} prunes inside the LLM")
         pruning = method.layer_pruning(model, encoding, budget.num_kept(encoding.num_visual), policy)
         return mllm.generate(model, encoding, layer_pruning=pruning, **generate_options)
     if not isinstance(method, VisionPruning):
         raise TypeError(f"{method!r} is neither a VisionPruning nor a LayerPruningMethod")
-    feed = pruned_feed(model, encoding, method, budget, positions, selections=selections)
+    feed = pruned_feed(model, encoding, method, budget, positions, selections=selections, crops=crops)
     return mllm.generate(model, feed.encoding, keep=feed.keep, policy=feed.policy, extra=feed.extra,
                          **generate_options)
 
 
-# Why a model whose visual tokens are no single grid (LLaVA-NeXT) cannot be pruned yet.
-NO_GRID = ("a base crop and tiles with newline tokens; pruning them needs a rule for the newlines and per-crop "
-           "budgets, not implemented yet (mllm.generate takes your own keep sets)")
+# Why an in-LLM method, or one that reads the vision tower, cannot prune visual tokens of several crops yet.
+NOT_ON_CROPS = ("visual tokens of several crops with newlines (LLaVA-NeXT) are pruned by methods that select "
+                "before the LLM from what it is fed (random, spatial, text-visual, your own); in-LLM methods and "
+                "methods reading the vision tower's attentions or states per crop are not implemented for them yet")
 
 
-def grid_groups(encoding: mllm.Encoding) -> list[list[int]]:
-    """The batch's rows grouped by their image's grid, in order of first appearance (one group when fixed)."""
-    groups: dict[tuple[int, int], list[int]] = {}
+def layout_groups(encoding: mllm.Encoding) -> list[list[int]]:
+    """The batch's rows grouped by their visual tokens' map (grid, or crops), in order of first appearance."""
+    groups: dict[object, list[int]] = {}
     for row, grid in enumerate(encoding.grids):
-        if grid is None:
-            raise ValueError(f"row {row}: its visual tokens ({encoding.visual_tokens[row].counts()}) are {NO_GRID}")
-        groups.setdefault(grid, []).append(row)
+        key = grid if grid is not None else encoding.visual_tokens[row].grids
+        groups.setdefault(key, []).append(row)
     return list(groups.values())

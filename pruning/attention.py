@@ -47,7 +47,7 @@ from grounding.tasks import (
     load_model,
     reported_errors,
 )
-from pruning.apply import grid_groups
+from pruning.apply import layout_groups
 from pruning.budget import Budget
 from pruning.coverage import box_cells
 from pruning.evaluate import FeedFunction, add_pruning_arguments, pruning_setup, pruning_sweep
@@ -65,7 +65,7 @@ def attention_annotator(feed: FeedFunction) -> Annotate:
     def annotate(model: mllm.MLLM, encoding: mllm.Encoding, generation: mllm.Generation,
                  samples: Sequence[Sample]) -> list[dict]:
         notes: list[dict] = [{}] * encoding.batch_size
-        for rows in grid_groups(encoding):  # a ragged batch is pruned grid by grid, as prune_generate does
+        for rows in layout_groups(encoding):  # a ragged batch is pruned grid by grid, as prune_generate does
             part = encoding.subset(rows) if len(rows) < encoding.batch_size else encoding
             fed = feed(model, part)
             answers = [generation.token_ids[row] for row in rows]
@@ -99,6 +99,9 @@ def run_attention(model: mllm.MLLM, dataset: Dataset, methods: Sequence[PruningM
                   batch_size: int = 8, limit: int | None = None, shard: Shard | None = None, resamples: int = 1000,
                   progress: bool = True, threshold: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     """The attention sweep on a REC dataset into `out`; the two tables once every run is complete."""
+    if not model.adapter.tokens_on_one_grid:
+        raise ValueError(f"{model.model.config.model_type}: the referent's cells are read on one grid of visual "
+                         "tokens; on a base crop and tiles with newlines they are not implemented yet")
     for method in methods:
         if isinstance(method, LayerPruningMethod):
             raise ValueError(f"{method_spec(method)!r} prunes inside the LLM: its selection would see the "
@@ -216,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pruning.figures import plot_attention
 
     with reported_errors(args.out, ValueError, ImportError) as outcome:
-        methods, budgets, positions = pruning_setup(args)
+        methods, budgets, positions, _ = pruning_setup(args)
         dataset = task_datasets(args)["rec"]
         shard = Shard.parse(args.shard)
         model = load_model(args)

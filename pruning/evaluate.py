@@ -5,8 +5,10 @@
 
 `--methods` takes parameters (`fastv:layer=3,query=all`); a user's registered method is named the same
 way (`--import my_module` registers it first). `--ratios` are fractions pruned, `--keep` numbers of
-tokens kept; the budget counts every token fed to the LLM. Methods that pick their own count
-(`prumerge:adaptive=true`) run once per policy and report the tokens they fed. Data as in
+tokens kept; the budget counts every token fed to the LLM. On LLaVA-NeXT's base crop and tiles with
+newline tokens, `--newlines keep|row|drop` and `--budget-scope per-crop|all` say how (`pruning.crops`).
+Methods that pick their own count (`prumerge:adaptive=true`) run once per policy and report the tokens
+they fed. Data as in
 `misalign.ablate`: `--data DIR` (rec/ and vqa/ JSONL) or `--rec NAME:PATH --vqa NAME:PATH`.
 
 Each run is a grounding run directory, resumable: OUT/TASK/unpruned/ once, and
@@ -61,16 +63,18 @@ from grounding.tasks import (
 )
 from mllm.specs import spec_slug
 from pruning.apply import (
-    NO_GRID,
+    NOT_ON_CROPS,
     POSITIONS,
     BatchSelections,
     Feed,
     feed_order,
+    layout_groups,
     mllm_policy,
     prune_generate,
     pruned_feed,
 )
 from pruning.budget import Budget
+from pruning.crops import BUDGET_SCOPES, NEWLINE_RULES, CropRule
 from pruning.registry import LayerPruningMethod, PruningMethod, make_method, method_spec
 
 TABLE_COLUMNS = ("method", "budget", "positions", "task", "dataset", "split", "metric", "value", "ci_low", "ci_high",
@@ -122,23 +126,25 @@ def unpruned_feed(model: mllm.MLLM, encoding: mllm.Encoding) -> Feed:
 
 
 def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, positions: str, *,
-               selections: BatchSelections, encode_options: dict, annotator: Annotator | None = None) -> Run:
+               selections: BatchSelections, encode_options: dict, annotator: Annotator | None = None,
+               crops: CropRule | None = None) -> Run:
     """A sweep run of `method` at `budget` under `positions`; its key says when it feeds what another run feeds."""
 
     def predict(model: mllm.MLLM, encoding: mllm.Encoding, **options: object) -> mllm.Generation:
-        return prune_generate(model, encoding, method, budget, positions, selections=selections, **options)
+        return prune_generate(model, encoding, method, budget, positions, selections=selections, crops=crops,
+                              **options)
 
     def key(model: mllm.MLLM, encoding: mllm.Encoding) -> Hashable | None:
-        if isinstance(method, LayerPruningMethod) or len(set(encoding.grids)) > 1:
-            return None  # in-LLM pruning is its own; a ragged batch is pruned per grid, not worth a key
-        selection = selections(model, encoding, method, budget)
+        if isinstance(method, LayerPruningMethod) or len(layout_groups(encoding)) > 1:
+            return None  # in-LLM pruning is its own; a ragged batch is pruned per token map, not worth a key
+        selection = selections(model, encoding, method, budget, crops)
         feed = feed_key(encoding, feed_order(selection, positions), mllm_policy(positions))
         if selection.features is None and selection.extra is None:
             return feed  # the bare kept tokens: the same as any run feeding them (the unpruned run, at 0%)
         return (method_spec(method), str(budget), feed)
 
     def fed(model: mllm.MLLM, encoding: mllm.Encoding) -> Feed:
-        return pruned_feed(model, encoding, method, budget, positions, selections=selections)
+        return pruned_feed(model, encoding, method, budget, positions, selections=selections, crops=crops)
 
     return Run(out, config, predict, key, encode_options, annotate=annotator(fed) if annotator else None)
 
@@ -146,7 +152,8 @@ def pruned_run(out: Path, config: dict, method: PruningMethod, budget: Budget, p
 def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
                 budgets: Sequence[Budget], out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"),
                 style: PromptStyle | None = None, batch_size: int = 8, limit: int | None = None,
-                shard: Shard | None = None, resamples: int = 1000, progress: bool = True) -> pd.DataFrame | None:
+                shard: Shard | None = None, resamples: int = 1000, progress: bool = True,
+                crops: CropRule | None = None) -> pd.DataFrame | None:
     """The unpruned run and every (method, budget, policy) run, per task, into `out`; return the table.
 
     One pass over each task's data (`pruning_sweep`). Under `shard` this process evaluates its block of
@@ -154,7 +161,7 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
     from the others.
     """
     parts = pruning_sweep(model, datasets, methods, budgets, out, positions=positions, style=style,
-                          batch_size=batch_size, limit=limit)
+                          batch_size=batch_size, limit=limit, crops=crops)
     summaries = run_sweep(model, parts, batch_size=batch_size, limit=limit, shard=shard or Shard(),
                           resamples=resamples, progress=progress, label="pruning")
     if any(summary is None for summary in summaries):
@@ -167,19 +174,26 @@ def run_pruning(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequ
 def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Sequence[PruningMethod],
                   budgets: Sequence[Budget], out: str | Path, *, positions: Sequence[str] = ("reassign", "keep"),
                   style: PromptStyle | None = None, batch_size: int = 8, limit: int | None = None,
-                  annotator: Annotator | None = None, extra_config: dict | None = None) -> list[SweepPart]:
+                  annotator: Annotator | None = None, extra_config: dict | None = None,
+                  crops: CropRule | None = None) -> list[SweepPart]:
     """Per task, the unpruned run and every (method, budget, policy) run, checked and ready for `run_sweep`.
 
     A batch is encoded once for every run, each (method, budget) selects once for all its policies, and
     runs feeding the LLM the same tokens generate once. `annotator` makes each run's `Run.annotate` from
-    what it feeds; `extra_config` goes into every run's config (what the annotations are).
+    what it feeds; `extra_config` goes into every run's config (what the annotations are). `crops` rules
+    visual tokens of several crops with newlines (`pruning.crops`); their runs' configs record it.
     """
     for policy in positions:
         mllm_policy(policy)  # an unknown policy fails before anything is written
-    if not model.adapter.tokens_on_one_grid:
-        raise ValueError(f"{model.model.config.model_type}'s visual tokens are {NO_GRID}")
     # A method that cannot read this model (trim's CLIP width) fails here, before anything is written.
     encode_options = [method.encode_options(model) for method in methods]
+    crop_config = {}
+    if not model.adapter.tokens_on_one_grid:
+        for method, options in zip(methods, encode_options):
+            if isinstance(method, LayerPruningMethod) or options:
+                raise ValueError(f"{method_spec(method)!r} on {model.model.config.model_type}: {NOT_ON_CROPS}")
+        crops = crops or CropRule()
+        crop_config = crops.config()
     for method in methods:
         if isinstance(method, LayerPruningMethod) and "compact" in positions:
             raise ValueError(f"{method_spec(method)!r} prunes inside the LLM, where 'compact' positions are not "
@@ -192,7 +206,8 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     parts = []
     for task, dataset in datasets.items():
         base = run_config(model, dataset, style, limit=limit, batch_size=batch_size,
-                          num_visual=model.num_visual_tokens if model.fixed_grid else None, **(extra_config or {}))
+                          num_visual=model.num_visual_tokens if model.fixed_grid else None, **(extra_config or {}),
+                          **crop_config)
         runs = [Run(run_directory(out, task), {**base, "method": UNPRUNED}, key=lambda _, encoding: feed_key(encoding),
                     annotate=annotator(unpruned_feed) if annotator else None)]
         for method, options in zip(methods, encode_options):
@@ -202,7 +217,7 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
                     config = {**base, "method": method_spec(method), "budget": budget, "positions": policy}
                     runs.append(pruned_run(run_directory(out, task, method, budget, policy), config, method, parsed,
                                            policy, selections=selections, encode_options=options,
-                                           annotator=annotator))
+                                           annotator=annotator, crops=crops))
         parts.append(SweepPart(dataset, style, runs))
     return parts
 
@@ -248,16 +263,22 @@ def add_pruning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", default="reassign,keep", help=f"comma-separated, from {','.join(POSITIONS)}")
     parser.add_argument("--import", dest="imports", action="append", default=[],
                         help="a module to import first (one that registers your own methods)")
+    parser.add_argument("--newlines", default="row", choices=NEWLINE_RULES,
+                        help="LLaVA-NeXT's newline tokens: feed every one, the one of each row that keeps a token, "
+                             "or none (pruning.crops; default row)")
+    parser.add_argument("--budget-scope", default="per-crop", choices=BUDGET_SCOPES,
+                        help="LLaVA-NeXT's base crop and tiles: the budget split over them, or one budget over all "
+                             "(pruning.crops; default per-crop)")
 
 
-def pruning_setup(args: argparse.Namespace) -> tuple[list[PruningMethod], list[Budget], list[str]]:
-    """The methods (after --import), budgets and position policies the arguments name."""
+def pruning_setup(args: argparse.Namespace) -> tuple[list[PruningMethod], list[Budget], list[str], CropRule]:
+    """The methods (after --import), budgets, position policies and crop rule the arguments name."""
     for module in args.imports:
         importlib.import_module(module)
     methods = [make_method(spec) for spec in split_method_specs(args.methods)]
     budgets = parse_budget_list(args.ratios, args.keep)
     positions = [policy for policy in args.positions.split(",") if policy]
-    return methods, budgets, positions
+    return methods, budgets, positions, CropRule(args.newlines, args.budget_scope)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -277,14 +298,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pruning.figures import plot_pruning
 
     with reported_errors(args.out, ValueError, ImportError) as outcome:
-        methods, budgets, positions = pruning_setup(args)
+        methods, budgets, positions, crops = pruning_setup(args)
         datasets = task_datasets(args)
         shard = Shard.parse(args.shard)
         model = load_model(args)
         style = chosen_style(args, model)
         table = run_pruning(model, datasets, methods, budgets, args.out, positions=positions, style=style,
                             batch_size=args.batch_size, limit=args.limit, shard=shard, resamples=args.bootstrap,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, crops=crops)
     if outcome.status:
         return outcome.status
     with finishing_shard(args.out, shard, table is not None, f"{args.out / 'pruning.csv'} and its figure") as writes:

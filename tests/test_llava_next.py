@@ -19,7 +19,7 @@ from misalign.ablate import main as misalign_main
 from mllm.selfcheck import transformers_generate_tokens
 from mllm.tiny import build_tiny_llava_next
 from mllm.visual_tokens import BASE, NEWLINE, TILE
-from pruning.evaluate import main as pruning_main
+from pruning.attention import main as attention_main
 
 SIZES = [(28, 28), (64, 32), (32, 64), (90, 30)]  # (width, height)
 PROMPTS = ["Where is the red circle?", "hi", "What colour is the square?", "x"]
@@ -90,7 +90,7 @@ def test_gap_keeps_each_kept_tokens_original_id(llava_next, images):
             torch.testing.assert_close(run.prefill_logits[row][mask], reference.logits[0], atol=1e-5, rtol=1e-5)
 
 
-def test_grounding_and_misalign_run_and_pruning_is_refused_by_name(next_dir, rec_data, tmp_path, capsys):
+def test_grounding_and_misalign_run_and_the_attention_sweep_is_refused_by_name(next_dir, rec_data, tmp_path, capsys):
     data, out = rec_data, tmp_path / "grounding"
     assert run_cli(grounding_main, "--model", next_dir, "--dataset", "jsonl", "--data", data, "--split", "val",
                    "--out", out) == 0
@@ -100,9 +100,9 @@ def test_grounding_and_misalign_run_and_pruning_is_refused_by_name(next_dir, rec
     assert run_cli(misalign_main, "--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--kind",
                    "permuted", "--strength", "0,1", "--out", tmp_path / "misalign") == 0
     assert set(pd.read_csv(tmp_path / "misalign" / "ablation.csv").strength) == {0.0, 1.0}
-    assert run_cli(pruning_main, "--model", next_dir, "--rec", f"jsonl:{data}", "--tasks", "rec", "--methods",
-                   "random", "--ratios", "0.5", "--out", tmp_path / "pruning") == 2
-    assert "newline" in capsys.readouterr().err
+    assert run_cli(attention_main, "--model", next_dir, "--rec", f"jsonl:{data}", "--methods", "random",
+                   "--ratios", "0.5", "--out", tmp_path / "attention") == 2
+    assert "newlines" in capsys.readouterr().err
 
 
 def test_the_token_map_of_one_grid_and_of_a_base_crop_with_tiles():
