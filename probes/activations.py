@@ -99,7 +99,13 @@ def patch_grids(mllm: MLLM, batch: dict[str, torch.Tensor]) -> list[tuple[int, i
     """Each image's (rows, cols) of vision-tower patches, before any merger."""
     if "image_grid_thw" in batch:
         return [(int(rows), int(cols)) for _, rows, cols in batch["image_grid_thw"].tolist()]
-    return [tuple(mllm.grid)] * len(batch["pixel_values"])
+    return [tuple(mllm.adapter.tower_grid)] * len(batch["pixel_values"])
+
+
+def tower_inputs(mllm: MLLM, images: Sequence[object], frame: str) -> dict[str, torch.Tensor]:
+    """The vision tower's inputs for `images`, one pass each (`adapter.tower_inputs`: LLaVA-NeXT's base crop)."""
+    inputs, _ = encode_vision_inputs(mllm, list(images), frame=frame)
+    return mllm.adapter.tower_inputs(inputs)
 
 
 # How far the hooked states may sit from output_hidden_states, relative to the layer's largest value:
@@ -164,7 +170,7 @@ def extract_activations(
     layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
     for layer in layers:
         hooks.hook_name(layer)  # range check before any work
-    grid = mllm.fixed_grid or patch_grids(mllm, encode_vision_inputs(mllm, images.load(0), frame=frame)[0])[0]
+    grid = mllm.fixed_grid or patch_grids(mllm, tower_inputs(mllm, [images.load(0)], frame))[0]
     spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=embedding_controls(mllm), grid=list(grid),
                      frame=frame, dtype=dtype, image_ids=list(images.ids))
     done, hook_check = 0, {}
@@ -190,7 +196,7 @@ def extract_activations(
     bar = tqdm(total=len(images), initial=done, desc="vision activations", disable=not progress)
     for start in range(done, len(images), batch_size):
         stop = min(start + batch_size, len(images))
-        inputs, _ = encode_vision_inputs(mllm, [images.load(index) for index in range(start, stop)], frame=frame)
+        inputs = tower_inputs(mllm, [images.load(index) for index in range(start, stop)], frame)
         for offset, image_grid in enumerate(patch_grids(mllm, inputs)):
             if image_grid != tuple(grid):
                 raise GridMismatchError(f"image {images.ids[start + offset]!r}: its patch grid is {image_grid}, the "
@@ -342,7 +348,7 @@ class ShardedStore(ActivationStore):
 
 def check_hooks(mllm: MLLM, hooks: VisionHooks, images: Sequence[object], frame: str = "padded") -> dict:
     """Compare the hooked hidden states of `images` with transformers' `output_hidden_states`; raise on a mismatch."""
-    inputs, _ = encode_vision_inputs(mllm, list(images), frame=frame)
+    inputs = tower_inputs(mllm, images, frame)
     difference = hooks.max_difference_from_transformers(inputs)
     tolerance = HOOK_TOLERANCE.get(mllm.dtype, HOOK_TOLERANCE_LOW_PRECISION)
     if not difference <= tolerance:

@@ -221,7 +221,7 @@ class VisionHooks:
     def max_difference_from_transformers(self, batch: Mapping[str, torch.Tensor] | torch.Tensor) -> float:
         """Largest |hook - output_hidden_states| over every layer, relative to the layer's largest |value|."""
         batch = vision_batch(batch)
-        reference = self.mllm.adapter.encode_images(batch, output_hidden_states=True).hidden_states
+        reference = self.mllm.adapter.tower_hidden_states(batch)
         hooked = self.run(batch, range(self.num_layers))
         worst = 0.0
         if len(reference) != self.num_layers:

@@ -121,3 +121,27 @@ def test_the_image_is_shown_at_its_own_aspect_or_padded_and_a_crop_is_refused(ll
                                                                              frame="original").visual_counts
     with pytest.raises(ValueError, match="frame 'cropped' does not apply to llava_next"):
         llava_next.encode(images[:1], PROMPTS[:1], frame="cropped")
+
+
+def test_the_probe_reads_the_base_crop_as_transformers_computes_it(llava_next, next_dir, images, rec_data, tmp_path):
+    """The probe hooks the tower on each image's base crop (the processor's first crop: the whole image at the
+    tower's square); its stored patch states are transformers' CLIPVisionModel hidden states there, CLS dropped."""
+    from transformers import LlavaNextProcessor
+
+    from probes.activations import ImageList, extract_activations
+    from probes.layerwise import main as probes_main
+
+    shown = [image.resize((28, 28)) for image in images]  # one size: a store holds one grid
+    store = extract_activations(llava_next, ImageList([str(i) for i in range(4)], lambda i: shown[i]),
+                                tmp_path / "store", frame="original", progress=False)
+    assert tuple(store.grid) == (2, 2) and store.hook_check["max_relative_difference"] <= 1e-4
+    pixels = LlavaNextProcessor.from_pretrained(next_dir)(images=shown, text=["<image>"] * 4,
+                                                          return_tensors="pt").pixel_values
+    with torch.no_grad():
+        hidden = llava_next.model.model.vision_tower(pixels[:, 0], output_hidden_states=True).hidden_states
+    for layer in (0, len(hidden) - 2):  # the store's layer L is hidden_states[L], as output_hidden_states counts
+        np.testing.assert_allclose(np.asarray(store.features(layer), dtype=np.float32), hidden[layer][:, 1:].numpy(),
+                                   rtol=2e-3, atol=2e-3)
+    assert probes_main(["--model", str(next_dir), "--images", str(rec_data / "images"), "--out",
+                        str(tmp_path / "probe"), "--no-progress", "--bootstrap", "20", "--test-fraction", "0.5"]) == 0
+    assert (tmp_path / "probe" / "layerwise.csv").is_file()

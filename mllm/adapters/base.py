@@ -112,6 +112,20 @@ class ModelAdapter:
         raise NotImplementedError
 
     @property
+    def tower_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patches one vision-tower pass of `tower_inputs` gives per image (fixed-size towers)."""
+        return self.grid
+
+    def tower_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the vision tower itself runs on for a processor batch, one pass per image: what probes hook.
+        The batch itself, except where an image is several crops (LLaVA-NeXT: its base crop)."""
+        return dict(batch)
+
+    def tower_hidden_states(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """transformers' `output_hidden_states` of the vision tower on `tower_inputs`' batch."""
+        return self.encode_images(batch, output_hidden_states=True).hidden_states
+
+    @property
     def num_visual_tokens(self) -> int:
         rows, cols = self.grid
         return rows * cols

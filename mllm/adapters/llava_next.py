@@ -50,6 +50,18 @@ class LlavaNextAdapter(LlavaAdapter):
         side = int(vision.image_size) // int(vision.patch_size)
         return side, side
 
+    @property
+    def tower_grid(self) -> tuple[int, int]:
+        return self.crop_grid
+
+    def tower_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The base crop: the whole image at the tower's square, as LLaVA-1.5 shows it; every tile passes the same
+        # tower with the same position embedding, so a probe of the base crop asks what one of LLaVA-1.5 asks.
+        return {"pixel_values": batch["pixel_values"][:, 0]}
+
+    def tower_hidden_states(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(self.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states)
+
     def prepare_images(
         self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
     ) -> tuple[list[Image.Image], list[ImageFrame]]:
