@@ -2,6 +2,8 @@
 
     python -m mllm.convert shikra --llama /ckpt/llama-7b --delta /ckpt/shikra-7b-delta-v1 \\
         --clip /ckpt/clip-vit-large-patch14 --out /ckpt/shikra-7b
+    python -m mllm.convert minigptv2 --checkpoint minigptv2_checkpoint.pth --eva eva_vit_g.pth \\
+        --llama /ckpt/Llama-2-7b-chat-hf --out /ckpt/minigptv2      # mllm.convert_minigptv2
 
 `shikra` applies the released delta (`shikras/shikra-7b-delta-v1`) as the repository's `apply_delta.py` does:
 every LLaMA tensor is base + delta, in the delta's dtype; the three tokens Shikra adds (`<im_patch>`,
@@ -21,85 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlavaProcessor
 
+from mllm.convert_common import ConversionError, Weights, read_config, require, write_checkpoint
 from mllm.shikra import SHIKRA_CHAT_TEMPLATE, SHIKRA_TOKENS, ShikraConfig, ShikraForConditionalGeneration
 from mllm.tiny import CLIPImageProcessor  # the PIL one: the toolkit never installs torchvision
 
 PROJECTOR = {"model.mm_projector.weight": "model.multi_modal_projector.weight",
              "model.mm_projector.bias": "model.multi_modal_projector.bias"}
-class ConversionError(ValueError):
-    """A source checkpoint that cannot be converted; the message names the file and the field or tensor."""
-
-
-class Weights:
-    """The tensors of a Hugging Face checkpoint directory (safetensors or PyTorch .bin, sharded or not), read lazily."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.files: dict[str, Path] = {}
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            index = directory / index_name
-            if index.is_file():
-                mapping = json.loads(index.read_text())["weight_map"]
-                self.files = {key: directory / name for key, name in mapping.items()}
-                break
-            if (directory / single).is_file():
-                self.files = {key: directory / single for key in self._keys_of(directory / single)}
-                break
-        if not self.files:
-            raise ConversionError(f"{directory}: no model.safetensors or pytorch_model.bin (nor their index.json)")
-        self._open: dict[Path, object] = {}
-
-    @staticmethod
-    def _keys_of(path: Path) -> list[str]:
-        if path.suffix == ".safetensors":
-            with safe_open(path, "pt") as handle:
-                return list(handle.keys())
-        return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-
-    def keys(self) -> list[str]:
-        return list(self.files)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.files
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        path = self.files[key]
-        if path.suffix == ".safetensors":
-            with safe_open(path, "pt") as handle:
-                return handle.get_tensor(key)
-        if path not in self._open:  # memory-mapped: a shard costs address space, not memory
-            self._open = {path: torch.load(path, map_location="cpu", weights_only=True, mmap=True)}
-        if key not in self._open[path]:
-            raise ConversionError(f"{path}: has no tensor {key!r}, though the checkpoint's index puts it there")
-        return self._open[path][key]
-
-    def file_of(self, key: str) -> str:
-        return str(self.files[key])
-
-
-def _config(directory: Path, name: str) -> dict:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{path}: not found; --{name} must be a checkpoint directory")
-    return json.loads(path.read_text())
-
-
-def _require(config: dict, path: Path, field: str, wanted: object, why: str) -> None:
-    if config.get(field) != wanted:
-        raise ConversionError(f"{path}: field '{field}' is {config.get(field)!r}, expected {wanted!r} ({why})")
-
-
 def _llm_key(key: str) -> str:
     """Shikra's (LLaMA's) key -> ShikraForConditionalGeneration's."""
     return key if key == "lm_head.weight" else "model.language_model." + key.removeprefix("model.")
@@ -152,10 +88,11 @@ def convert_shikra(llama: str | Path, delta: str | Path, clip: str | Path, out: 
     llama, delta, clip, out = Path(llama), Path(delta), Path(clip), Path(out)
     if out.exists():
         raise ConversionError(f"--out {out}: exists; remove it or choose another directory")
-    base_config, delta_config, clip_config = _config(llama, "llama"), _config(delta, "delta"), _config(clip, "clip")
-    _require(base_config, llama / "config.json", "model_type", "llama", "--llama must be LLaMA in Hugging Face format")
-    _require(delta_config, delta / "config.json", "model_type", "shikra", "--delta must be Shikra's released delta")
-    _require(delta_config, delta / "config.json", "mm_use_im_start_end", True,
+    base_config, delta_config = read_config(llama, "llama"), read_config(delta, "delta")
+    clip_config = read_config(clip, "clip")
+    require(base_config, llama / "config.json", "model_type", "llama", "--llama must be LLaMA in Hugging Face format")
+    require(delta_config, delta / "config.json", "model_type", "shikra", "--delta must be Shikra's released delta")
+    require(delta_config, delta / "config.json", "mm_use_im_start_end", True,
              "Shikra frames its image with <im_start> and <im_end>")
     base_vocab = int(base_config.get("vocab_size", 0))
     wanted = base_vocab + len(SHIKRA_TOKENS)
@@ -164,12 +101,12 @@ def convert_shikra(llama: str | Path, delta: str | Path, clip: str | Path, out: 
                               f"({delta / 'config.json'}) is {delta_config.get('vocab_size')}: Shikra adds "
                               f"{len(SHIKRA_TOKENS)} tokens to the original LLaMA's 32000")
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        _require(base_config, llama / "config.json", field, delta_config.get(field), "the delta's value")
+        require(base_config, llama / "config.json", field, delta_config.get(field), "the delta's value")
     clip_vision = clip_config.get("vision_config", clip_config)
     if not (clip / "preprocessor_config.json").is_file():
         raise ConversionError(f"{clip / 'preprocessor_config.json'}: not found; --clip must be the whole "
                               "openai/clip-vit-large-patch14 download (its image processor too)")
-    _require(clip_vision, clip / "config.json", "hidden_size", delta_config.get("mm_hidden_size"),
+    require(clip_vision, clip / "config.json", "hidden_size", delta_config.get("mm_hidden_size"),
              "the delta's mm_hidden_size, the projector's input width")
     tokenizer = AutoTokenizer.from_pretrained(delta, local_files_only=True)
     for offset, token in enumerate(SHIKRA_TOKENS):
@@ -194,23 +131,19 @@ def convert_shikra(llama: str | Path, delta: str | Path, clip: str | Path, out: 
     if extra:
         raise ConversionError(f"{clip}: tensor {extra[0]!r} has no place in the architecture")
 
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        partial.mkdir(parents=True)
-        save_torch_state_dict({key: tensor.contiguous() for key, tensor in state.items()}, partial)
-        config.save_pretrained(partial)
+    def write(directory: Path) -> None:
+        save_torch_state_dict({key: tensor.contiguous() for key, tensor in state.items()}, directory)
+        config.save_pretrained(directory)
         generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                       "pad_token_id": tokenizer.unk_token_id}  # the delta's 0 / 1 / -1 are wrong (Shikra overrides)
-        (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.pad_token = tokenizer.unk_token
         image_processor = CLIPImageProcessor.from_pretrained(clip, local_files_only=True)
         LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=clip_vision["patch_size"],
                        vision_feature_select_strategy="default", image_token="<im_patch>",
-                       num_additional_image_tokens=1, chat_template=SHIKRA_CHAT_TEMPLATE).save_pretrained(partial)
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return out
+                       num_additional_image_tokens=1, chat_template=SHIKRA_CHAT_TEMPLATE).save_pretrained(directory)
+
+    return write_checkpoint(out, write)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,9 +155,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     shikra.add_argument("--delta", required=True, type=Path, help="shikras/shikra-7b-delta-v1, downloaded")
     shikra.add_argument("--clip", required=True, type=Path, help="openai/clip-vit-large-patch14, downloaded")
     shikra.add_argument("--out", required=True, type=Path, help="the directory to write (must not exist)")
+    minigptv2 = commands.add_parser("minigptv2", help="merge MiniGPT-v2's checkpoint (projector, LoRA) with EVA "
+                                    "ViT-g and Llama-2-7b-chat")
+    minigptv2.add_argument("--checkpoint", required=True, type=Path, help="MiniGPT-v2's released .pth (stage 3)")
+    minigptv2.add_argument("--eva", required=True, type=Path, help="LAVIS' eva_vit_g.pth")
+    minigptv2.add_argument("--llama", required=True, type=Path, help="Llama-2-7b-chat in Hugging Face format")
+    minigptv2.add_argument("--lora-alpha", type=float, default=16.0,
+                           help="LoRA alpha where the checkpoint's config does not record it (released: 16)")
+    minigptv2.add_argument("--out", required=True, type=Path, help="the directory to write (must not exist)")
     args = parser.parse_args(argv)
     try:
-        out = convert_shikra(args.llama, args.delta, args.clip, args.out)
+        if args.model == "shikra":
+            out = convert_shikra(args.llama, args.delta, args.clip, args.out)
+        else:
+            from mllm.convert_minigptv2 import convert_minigptv2
+
+            out = convert_minigptv2(args.checkpoint, args.eva, args.llama, args.out, lora_alpha=args.lora_alpha)
     except ConversionError as error:
         print(f"error: {error}")
         return 2

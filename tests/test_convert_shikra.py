@@ -31,8 +31,9 @@ CLIP_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 
                "image_size": 56, "patch_size": 14}  # 4 x 4 = 16 patch tokens (Shikra: 224 / 14 -> 256)
 
 
-def write_tokenizer(directory, vocab):
-    """LLaMA's sentencepiece layout (unk 0, bos 1, eos 2) plus Shikra's three tokens, as the delta ships them."""
+def write_tokenizer(directory, vocab, added=("<im_patch>", "<im_start>", "<im_end>")):
+    """LLaMA's sentencepiece layout (unk 0, bos 1, eos 2) plus `added` tokens (Shikra's three, as its delta ships
+    them)."""
     model = io.BytesIO()
     corpus = [" ".join(WORDS[i % len(WORDS):] + WORDS[:i % len(WORDS)]) for i in range(200)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab,
@@ -41,8 +42,8 @@ def write_tokenizer(directory, vocab):
     (directory / "tokenizer.model").write_bytes(model.getvalue())
     size = spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
     assert size == vocab
-    (directory / "added_tokens.json").write_text(json.dumps({"<im_patch>": size, "<im_start>": size + 1,
-                                                             "<im_end>": size + 2}))
+    if added:
+        (directory / "added_tokens.json").write_text(json.dumps({token: size + i for i, token in enumerate(added)}))
     (directory / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
     (directory / "tokenizer_config.json").write_text(json.dumps(
