@@ -1,9 +1,10 @@
 """The one box parser, the one IoU, and the mapping of a model's answer to image pixels.
 
 A model answers with four numbers. `parse_box` takes the box of the first JSON `"bbox_2d": [a, b, c, d]`
-(Qwen2.5-VL) when there is one, else the first `[a, b, c, d]`, `(a, b, c, d)` or Qwen2-VL's
-`(a, b),(c, d)` in the text. The numbers are read by the model's box format: `normalized` (0-1,
-LLaVA), `normalized1000` (0-1000, Qwen2-VL), `input_pixels` (pixels of the image the model saw after
+(Qwen2.5-VL) when there is one, else the first `[a, b, c, d]`, `(a, b, c, d)`, Qwen2-VL's
+`(a, b),(c, d)` or MiniGPT-v2's `{<a><b><c><d>}` in the text. The numbers are read by the model's box
+format: `normalized` (0-1, LLaVA), `normalized100` (0-100, MiniGPT-v2), `normalized1000` (0-1000,
+Qwen2-VL), `input_pixels` (pixels of the image the model saw after
 its processor resized it, Qwen2.5-VL) or `pixels` (of the original image), in the model's answer
 frame (`mllm.ImageFrame`: fractions of the padded square, of the image itself, or of the centre
 crop). Every box is compared in pixels of the original image.
@@ -22,8 +23,8 @@ from typing import Literal
 from mllm.images import ImageFrame
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
-BoxFormat = Literal["normalized", "normalized1000", "input_pixels", "pixels"]
-BOX_FORMATS: tuple[str, ...] = ("normalized", "normalized1000", "input_pixels", "pixels")
+BoxFormat = Literal["normalized", "normalized100", "normalized1000", "input_pixels", "pixels"]
+BOX_FORMATS: tuple[str, ...] = ("normalized", "normalized100", "normalized1000", "input_pixels", "pixels")
 
 _LMMS_EVAL_NUMBER = r"(-?\d+(?:\.\d+)?)"
 LMMS_EVAL_PATTERN = re.compile(r"\[\s*" + r",\s*".join([_LMMS_EVAL_NUMBER] * 4) + r"\s*\]")
@@ -32,6 +33,7 @@ _SEP = r"\s*,\s*"
 _PATTERNS = (
     re.compile(rf"[\[(]\s*{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}\s*[\])]"),
     re.compile(rf"\(\s*{_NUMBER}{_SEP}{_NUMBER}\s*\){_SEP}\(\s*{_NUMBER}{_SEP}{_NUMBER}\s*\)"),
+    re.compile(r"\{\s*" + r"\s*".join([rf"<\s*{_NUMBER}\s*>"] * 4) + r"\s*\}"),  # MiniGPT-v2's
 )
 # Qwen2.5-VL's JSON key; its box wins over any 4-tuple before it (say, in a label).
 _BBOX_2D = re.compile(rf"""["']bbox_2d["']\s*:\s*\[\s*{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}{_SEP}{_NUMBER}\s*\]""")
@@ -72,6 +74,8 @@ def answer_to_pixels(values: Box, box_format: BoxFormat, frame: ImageFrame) -> B
         return values
     if box_format == "normalized":
         return frame.to_pixels(values)
+    if box_format == "normalized100":
+        return frame.to_pixels(tuple(v / 100 for v in values))
     if box_format == "normalized1000":
         return frame.to_pixels(tuple(v / 1000 for v in values))
     if box_format == "input_pixels":

@@ -5,8 +5,8 @@ answers read as 0-1 fractions of the original image as lmms-eval scores them (wh
 means fractions of the padded square it saw is unsettled: `--answer-frame padded` reads them so).
 Qwen2-VL (`qwen2-vl`) and Qwen2.5-VL (`qwen2.5-vl`) are asked in their own grounding formats, as
 their makers document them; lmms-eval's `refcoco_bbox_rec` asks every model the LLaVA prompt and
-reads only `[a, b, c, d]` fractions. Shikra (`shikra`) is asked its own first REC template. Register another
-family with `register_prompt_style`.
+reads only `[a, b, c, d]` fractions. Shikra (`shikra`) is asked its own first REC template, MiniGPT-v2
+(`minigptv2`) its `[refer]` and `[vqa]` prompts. Register another family with `register_prompt_style`.
 
 A style may instead ask each REC sample one of several templates (`rec_templates`, read from a JSON list by
 `load_rec_templates`, as Shikra's evaluation draws one of its 54): drawn per sample from its index and
@@ -40,6 +40,10 @@ QWEN2_5_VL_REC_PROMPT = "Locate {expression} in this image and output the bbox c
 # The first of Shikra's REC question templates (its config/_base_/dataset/template/REC.json); the image goes where
 # the question says. Shikra answers "Answer: [x0,y0,x1,y1] ." in fractions of the white-padded square, 3 decimals.
 SHIKRA_REC_PROMPT = "Where is {expression} <image>?"
+# MiniGPT-v2's task-tagged prompts (its RefCOCOEvalData and GQA dataset): it answers "{<x1><y1><x2><y2>}",
+# integers 0-100 of the original image (it squashes the image to 448 x 448).
+MINIGPTV2_REC_PROMPT = "[refer] give me the location of {expression}"
+MINIGPTV2_GQA_PROMPT = "[vqa] Based on the image, respond to this question with a short answer: {question}"
 
 
 @dataclass(frozen=True)
@@ -161,3 +165,8 @@ register_prompt_style(PromptStyle("qwen2.5-vl", QWEN2_5_VL_REC_PROMPT, LMMS_EVAL
 register_prompt_style(PromptStyle("shikra", SHIKRA_REC_PROMPT, "<image> " + LMMS_EVAL_GQA_PROMPT, image_frame="padded",
                                   answer_frame="padded"),
                       model_types=("shikra",))
+# MiniGPT-v2's benchmark evaluation generates at most 20 tokens, greedily, and stops at EOS.
+register_prompt_style(PromptStyle("minigptv2", MINIGPTV2_REC_PROMPT, MINIGPTV2_GQA_PROMPT, box_format="normalized100",
+                                  image_frame="original", answer_frame="original", rec_max_new_tokens=20,
+                                  vqa_max_new_tokens=20),
+                      model_types=("minigptv2",))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import (
+    Blip2VisionConfig,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -22,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mllm.minigptv2 import MINIGPTV2_CHAT_TEMPLATE, MiniGPTv2Config, MiniGPTv2ForConditionalGeneration
 from mllm.shikra import SHIKRA_CHAT_TEMPLATE, SHIKRA_TOKENS, ShikraConfig, ShikraForConditionalGeneration
 
 try:  # later transformers 5.x split image processors into torchvision and PIL backends
@@ -193,6 +195,37 @@ def build_tiny_shikra(directory: str | Path, sizes: TinyLlavaConfig | None = Non
                                patch_size=sizes.patch_size, vision_feature_select_strategy="default",
                                image_token=SHIKRA_TOKENS[0], num_additional_image_tokens=1,
                                chat_template=SHIKRA_CHAT_TEMPLATE)
+    return save_llava_checkpoint(model, processor, directory)
+
+
+def build_tiny_minigptv2(directory: str | Path, sizes: TinyLlavaConfig | None = None) -> Path:
+    """A randomly initialised tiny MiniGPT-v2 (`mllm.minigptv2`) in the layout `python -m mllm.convert minigptv2`
+    writes: an EVA-shaped tower (`Blip2VisionModel`, q and v biases), 4 patches per LLM token, Llama."""
+    sizes = sizes or TinyLlavaConfig(image_size=64, patch_size=8)  # 8 x 8 patches: 16 tokens on an 8 x 2 grid
+    tokenizer = build_char_tokenizer()
+    llava = tiny_llava_config(sizes, tokenizer)
+    vision = Blip2VisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
+                               num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
+                               image_size=sizes.image_size, patch_size=sizes.patch_size, hidden_act="gelu",
+                               layer_norm_eps=1e-6, qkv_bias=True)
+    rows, cols = sizes.grid
+    config = MiniGPTv2Config(vision_config=vision.to_dict(), text_config=llava.text_config.to_dict(),
+                             image_token_id=tokenizer.unk_token_id, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", image_seq_length=rows * cols // 4,
+                             tokens_per_group=4, tie_word_embeddings=False)
+    torch.manual_seed(sizes.seed)
+    model = MiniGPTv2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random q and v biases, a zero k bias, as EVA's
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.qkv.bias[sizes.vision_hidden:2 * sizes.vision_hidden] = 0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    side = sizes.image_size
+    image_processor = CLIPImageProcessor(size={"height": side, "width": side}, do_center_crop=False, resample=3,
+                                         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=2 * sizes.patch_size,
+                               vision_feature_select_strategy="default", image_token=tokenizer.unk_token,
+                               num_additional_image_tokens=1, chat_template=MINIGPTV2_CHAT_TEMPLATE)
     return save_llava_checkpoint(model, processor, directory)
 
 

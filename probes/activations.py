@@ -170,7 +170,7 @@ def extract_activations(
     layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
     for layer in layers:
         hooks.hook_name(layer)  # range check before any work
-    grid = mllm.fixed_grid or patch_grids(mllm, tower_inputs(mllm, [images.load(0)], frame))[0]
+    grid = patch_grids(mllm, tower_inputs(mllm, [images.load(0)], frame))[0]  # the tower's, not the LLM tokens
     spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=embedding_controls(mllm), grid=list(grid),
                      frame=frame, dtype=dtype, image_ids=list(images.ids))
     done, hook_check = 0, {}

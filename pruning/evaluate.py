@@ -188,6 +188,12 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     # A method that cannot read this model (trim's CLIP width) fails here, before anything is written.
     encode_options = [method.encode_options(model) for method in methods]
     crop_config = {}
+    grouped = model.adapter.patches_per_token
+    for method, options in zip(methods, encode_options):
+        if options and grouped > 1:
+            raise ValueError(f"{method_spec(method)!r} reads the vision tower's states, one per patch, and "
+                             f"{model.model.config.model_type} feeds {grouped} patches per visual token: scoring a "
+                             "token by its patches is not implemented yet")
     if not model.adapter.tokens_on_one_grid:
         for method, options in zip(methods, encode_options):
             if isinstance(method, LayerPruningMethod) or options:

@@ -8,8 +8,10 @@ registering its class with `@register_adapter`.
 from mllm.adapters.base import ModelAdapter, VisionOutput, adapter_class_for, register_adapter, supported_model_types
 from mllm.adapters.llava import LlavaAdapter
 from mllm.adapters.llava_next import LlavaNextAdapter
+from mllm.adapters.minigptv2 import MiniGPTv2Adapter
 from mllm.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from mllm.adapters.shikra import ShikraAdapter
 
-__all__ = ["LlavaAdapter", "LlavaNextAdapter", "ModelAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "ShikraAdapter",
-           "VisionOutput", "adapter_class_for", "register_adapter", "supported_model_types"]
+__all__ = ["LlavaAdapter", "LlavaNextAdapter", "MiniGPTv2Adapter", "ModelAdapter", "Qwen2VLAdapter",
+           "Qwen2_5_VLAdapter", "ShikraAdapter", "VisionOutput", "adapter_class_for", "register_adapter",
+           "supported_model_types"]

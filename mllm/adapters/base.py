@@ -65,6 +65,9 @@ class ModelAdapter:
     has_position_embedding: ClassVar[bool] = False  # whether the tower adds an absolute position embedding
     processor_frame: ClassVar[FrameKind] = "original"  # the frame that shows the processor the image as given
     tokens_on_one_grid: ClassVar[bool] = True  # each image's visual tokens tile one grid in raster order
+    # Tower patches the projector concatenates into one visual token (MiniGPT-v2: a 1 x 4 strip); where it is 1,
+    # the vision states the adapter gives (attentions, hidden states) are one per visual token.
+    patches_per_token: ClassVar[int] = 1
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
