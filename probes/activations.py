@@ -38,6 +38,11 @@ from probes.bridge import VisionHooks
 PATCH = "patch"
 PATCH_POS = "patch+pos"
 EMBEDDINGS = (PATCH, PATCH_POS)
+# The projector's output, as the LLM receives it, on the visual tokens' grid (`extract_activations(features=...)`):
+# where a token concatenates several patches (MiniGPT-v2's 1 x 4 strips) or merges them (Qwen's 2 x 2), it is what
+# the tower's patches became.
+VISUAL_TOKENS = "visual tokens"
+FEATURES = ("tower", "visual-tokens")
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
 SHARDS = "shards.json"
 
@@ -47,6 +52,8 @@ def feature_file(name: str | int) -> str:
         return "embed_patch.npy"
     if name == PATCH_POS:
         return "embed_patch_pos.npy"
+    if name == VISUAL_TOKENS:
+        return "visual_tokens.npy"
     return f"layer_{int(name):03d}.npy"
 
 
@@ -100,6 +107,20 @@ def patch_grids(mllm: MLLM, batch: dict[str, torch.Tensor]) -> list[tuple[int, i
     if "image_grid_thw" in batch:
         return [(int(rows), int(cols)) for _, rows, cols in batch["image_grid_thw"].tolist()]
     return [tuple(mllm.adapter.tower_grid)] * len(batch["pixel_values"])
+
+
+def visual_token_grids(mllm: MLLM, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """Each image's (rows, cols) of visual tokens, as the LLM receives them; refused where they are no one grid."""
+    grids = mllm.adapter.encode_images(batch).grids
+    if any(grid is None for grid in grids):
+        raise GridMismatchError(f"{mllm.path}: its visual tokens are no one grid (a base crop and tiles with "
+                                "newlines); probe the tower's patches instead")
+    return [tuple(grid) for grid in grids]
+
+
+@torch.no_grad()
+def _visual_token_features(mllm: MLLM, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {VISUAL_TOKENS: torch.stack(list(mllm.adapter.encode_images(batch).features))}
 
 
 def tower_inputs(mllm: MLLM, images: Sequence[object], frame: str) -> dict[str, torch.Tensor]:
@@ -160,18 +181,27 @@ def extract_activations(
     batch_size: int = 16,
     dtype: str = "float16",
     progress: bool = True,
+    features: str = "tower",
 ) -> ActivationStore:
-    """Write the patch tokens of `layers` (default: all) and the embedding controls for `images`."""
+    """Write the patch tokens of `layers` (default: all) and the embedding controls for `images`; with
+    `features="visual-tokens"`, the visual tokens the LLM receives instead, on their own grid (`VISUAL_TOKENS`)."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"store dtype {dtype!r}: choose one of {sorted(STORE_DTYPES)}")
+    if features not in FEATURES:
+        raise ValueError(f"features {features!r}: choose one of {', '.join(FEATURES)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hooks = VisionHooks(mllm)
-    layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
-    for layer in layers:
-        hooks.hook_name(layer)  # range check before any work
-    grid = patch_grids(mllm, tower_inputs(mllm, [images.load(0)], frame))[0]  # the tower's, not the LLM tokens
-    spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=embedding_controls(mllm), grid=list(grid),
+    hooks = VisionHooks(mllm) if features == "tower" else None
+    if features == "visual-tokens":
+        layers, embeddings = [], [VISUAL_TOKENS]
+        grid = visual_token_grids(mllm, encode_vision_inputs(mllm, [images.load(0)], frame=frame)[0])[0]
+    else:
+        layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
+        for layer in layers:
+            hooks.hook_name(layer)  # range check before any work
+        embeddings = embedding_controls(mllm)
+        grid = patch_grids(mllm, tower_inputs(mllm, [images.load(0)], frame))[0]  # the tower's, not the LLM's
+    spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=embeddings, grid=list(grid),
                      frame=frame, dtype=dtype, image_ids=list(images.ids))
     done, hook_check = 0, {}
     if (directory / "store.json").is_file():
@@ -182,7 +212,7 @@ def extract_activations(
         done, hook_check = existing.done, existing.hook_check
     if done == len(images):
         return ActivationStore(directory)
-    if not hook_check:
+    if not hook_check and layers:
         hook_check = check_hooks(mllm, hooks, [images.load(index) for index in range(min(batch_size, len(images)))],
                                  frame=frame)
 
@@ -196,13 +226,20 @@ def extract_activations(
     bar = tqdm(total=len(images), initial=done, desc="vision activations", disable=not progress)
     for start in range(done, len(images), batch_size):
         stop = min(start + batch_size, len(images))
-        inputs = tower_inputs(mllm, [images.load(index) for index in range(start, stop)], frame)
-        for offset, image_grid in enumerate(patch_grids(mllm, inputs)):
+        shown = [images.load(index) for index in range(start, stop)]
+        if features == "visual-tokens":
+            inputs = encode_vision_inputs(mllm, shown, frame=frame)[0]
+            grids = visual_token_grids(mllm, inputs)
+        else:
+            inputs = tower_inputs(mllm, shown, frame)
+            grids = patch_grids(mllm, inputs)
+        for offset, image_grid in enumerate(grids):
             if image_grid != tuple(grid):
                 raise GridMismatchError(f"image {images.ids[start + offset]!r}: its patch grid is {image_grid}, the "
                                         f"store's {tuple(grid)} (the first image's); a store holds one grid, so give "
                                         "images of one size")
-        batch = _patch_features(mllm, hooks, inputs, layers, spec.embeddings)
+        batch = (_visual_token_features(mllm, inputs) if features == "visual-tokens" else
+                 _patch_features(mllm, hooks, inputs, layers, spec.embeddings))
         for name, tensor in batch.items():
             if name not in arrays:  # the first batch sizes the files: (images, patches, the tower's width)
                 arrays[name] = np.lib.format.open_memmap(directory / feature_file(name), mode="w+",

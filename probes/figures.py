@@ -12,6 +12,7 @@ CONTROL_STYLES = {
     "chance": {"color": "0.35", "linestyle": ":"},
     "patch embedding": {"color": "tab:purple", "linestyle": "--"},
     "patch + position embedding": {"color": "tab:green", "linestyle": "--"},
+    "visual tokens": {"color": "tab:red", "linestyle": "-."},
 }
 LAYER_SERIES = {"probe": "tab:blue", "shuffled labels": "tab:orange"}
 METRIC_LABELS = {"accuracy": "accuracy", "top5": "top-5 accuracy", "manhattan": "mean Manhattan distance (patches)"}
@@ -66,8 +67,9 @@ def plot_layerwise(table: str | Path | pd.DataFrame | Sequence[dict], path: str 
     figure = axes[0].figure
     for ax, metric in zip(axes, metrics):
         rows = layered[layered["metric"] == metric]
-        sns.lineplot(data=rows, x="x", y="value", hue="series", palette=LAYER_SERIES, marker="o", ax=ax,
-                     errorbar=None)
+        if len(rows):
+            sns.lineplot(data=rows, x="x", y="value", hue="series", palette=LAYER_SERIES, marker="o", ax=ax,
+                         errorbar=None)
         for series, color in LAYER_SERIES.items():
             band = rows[rows["series"] == series].sort_values("x")
             ax.fill_between(band["x"], band["ci_low"], band["ci_high"], color=color, alpha=0.2, linewidth=0)
@@ -80,10 +82,14 @@ def plot_layerwise(table: str | Path | pd.DataFrame | Sequence[dict], path: str 
             ax.scatter(xs, list(reference.accuracy.values()), marker="*", s=140, color="black", zorder=5,
                        label=reference.label)
         ax.set_xlabel("layer / depth" if relative_depth else "layer (0: embeddings)")
+        if not len(layered):  # one feature set with no layers: the axis means nothing
+            ax.set_xticks([])
+            ax.set_xlabel("")
         ax.set_ylabel(METRIC_LABELS.get(metric, metric))
         if metric in ("accuracy", "top5"):
             ax.set_ylim(-0.02, 1.02)
-        ax.get_legend().remove()
+        if ax.get_legend() is not None:  # none where only horizontal series are drawn (`--features visual-tokens`)
+            ax.get_legend().remove()
     handles, labels = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     if title:

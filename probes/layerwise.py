@@ -28,6 +28,10 @@ across training patches), `patch embedding` and `patch + position embedding` (be
 and `chance` (a uniform guess). Train and test images are disjoint: the split is by image, never by
 patch. CIs are 95% bootstrap intervals over test images.
 
+`--features visual-tokens` probes, instead, the visual tokens the LLM receives (the projector's output) on
+their own grid: one feature set, `visual tokens`, beside chance. Where a token concatenates patches
+(MiniGPT-v2: 1 x 4 strips, a 32 x 8 grid) or merges them (Qwen's 2 x 2), that grid is not the tower's.
+
 Native-resolution towers (Qwen2-VL, Qwen2.5-VL): patches are the ViT's, before the 2x2 merger, and
 targets are raster positions on the unmerged patch grid. Every image must get the same grid (give images
 of one size; `--min-pixels` / `--max-pixels` bound the resize). The tower has no position embedding (2-D
@@ -52,11 +56,20 @@ from grounding.records import read_records as read_jsonl_records
 from grounding.runner import Shard, check_or_write_config
 from grounding.summary import package_versions
 from grounding.tasks import add_model_arguments, load_model
-from probes.activations import PATCH, PATCH_POS, ActivationStore, ImageList, extract_shard, shard_layout
+from probes.activations import (
+    FEATURES,
+    PATCH,
+    PATCH_POS,
+    VISUAL_TOKENS,
+    ActivationStore,
+    ImageList,
+    extract_shard,
+    shard_layout,
+)
 from probes.estimator import SOLVERS, fit_layers, patch_scores
 from probes.targets import METRICS, TARGETS, chance, num_classes, patch_labels
 
-SERIES = {PATCH: "patch embedding", PATCH_POS: "patch + position embedding"}
+SERIES = {PATCH: "patch embedding", PATCH_POS: "patch + position embedding", VISUAL_TOKENS: "visual tokens"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 RECORDS = "records.jsonl"
 FITTING_CLAIM = ".fitting.lock"
@@ -193,7 +206,7 @@ def read_records(out: Path) -> list[dict]:
 def table_rows(records: Sequence[dict], target: str, grid: tuple[int, int], n_test: int) -> list[dict]:
     """Tidy rows (series, layer, metric, value, ci_low, ci_high, n_test_images), chance included."""
     rows = []
-    order = {"probe": 0, "shuffled labels": 1, SERIES[PATCH]: 2, SERIES[PATCH_POS]: 3}
+    order = {"probe": 0, "shuffled labels": 1, SERIES[PATCH]: 2, SERIES[PATCH_POS]: 3, SERIES[VISUAL_TOKENS]: 4}
     for record in sorted(records, key=lambda r: (order[r["series"]], -1 if r["layer"] is None else r["layer"])):
         for metric in METRICS:
             if metric in record["metrics"]:
@@ -233,6 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="probe only the first N images")
     parser.add_argument("--out", required=True, type=Path, help="run directory, e.g. results/probes/NAME")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated hidden-state indices (0: embeddings)")
+    parser.add_argument("--features", default="tower", choices=FEATURES,
+                        help="the vision tower's patches, layer by layer (default), or the visual tokens the LLM "
+                             "receives, on their own grid (one feature set; --layers is ignored)")
     parser.add_argument("--target", default="index", choices=TARGETS)
     parser.add_argument("--solver", default="torch", choices=SOLVERS)
     parser.add_argument("--C", type=float, default=1.0, help="inverse L2 strength, as scikit-learn's")
@@ -271,7 +287,10 @@ def run_config(args: argparse.Namespace) -> dict:
     """What decides the results; a run directory holding another one is refused."""
     keys = ("model", "images", "dataset", "data", "split", "limit", "layers", "target", "solver", "C", "max_iter",
             "test_fraction", "seed", "no_shuffled", "frame", "store_dtype", "dtype", "min_pixels", "max_pixels")
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
+    config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items() if key in keys}
+    if args.features != "tower":  # a tower run's config stays what it was before the option existed
+        config["features"] = args.features
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_layers = len(model.adapter.vision_layers) + 1
     store = extract_shard(model, images, out / "activations", rank=shard.rank, world=shard.world,
                           batch_size=args.batch_size, layers=parse_layers(args.layers, num_layers), frame=args.frame,
-                          dtype=args.store_dtype, progress=not args.no_progress)
+                          dtype=args.store_dtype, progress=not args.no_progress, features=args.features)
     device = str(model.device)  # the probes fit where this process's model ran (its own GPU under torchrun)
     del model  # the probes need only the stored activations
     if store is None:
@@ -323,7 +342,8 @@ def write_results(store: ActivationStore, images: ImageList, out: Path, *, args:
         "images": {"train": [images.ids[i] for i in train], "test": [images.ids[i] for i in test]},
         "device": device, "versions": versions,
     }, indent=2) + "\n")
-    title = f"{Path(args.model).name}: linear probe for patch {args.target} ({len(test)} test images)"
+    unit = "visual-token" if args.features == "visual-tokens" else "patch"
+    title = f"{Path(args.model).name}: linear probe for {unit} {args.target} ({len(test)} test images)"
     plot_layerwise(rows, out / "layerwise.png", title=title)
     print(f"wrote {out / 'layerwise.csv'} and {out / 'layerwise.png'}")
 

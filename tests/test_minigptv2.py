@@ -125,3 +125,8 @@ def test_every_analysis_cli_runs_on_minigptv2(minigpt_dir, rec_data, tmp_path, c
     assert probes_main(["--model", str(minigpt_dir), "--images", str(rec_data / "images"), "--out",
                         str(tmp_path / "probe"), "--no-progress", "--bootstrap", "20", "--test-fraction", "0.5"]) == 0
     assert json.loads((tmp_path / "probe" / "layerwise.json").read_text())["grid"] == [8, 8]
+    assert probes_main(["--model", str(minigpt_dir), "--images", str(rec_data / "images"), "--features",
+                        "visual-tokens", "--out", str(tmp_path / "probe-tokens"), "--no-progress", "--bootstrap", "20",
+                        "--test-fraction", "0.5"]) == 0
+    assert json.loads((tmp_path / "probe-tokens" / "layerwise.json").read_text())["grid"] == [8, 2]
+    assert set(pd.read_csv(tmp_path / "probe-tokens" / "layerwise.csv").series) == {"visual tokens", "chance"}

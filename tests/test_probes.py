@@ -301,3 +301,24 @@ def test_layerwise_table_orders_series(tmp_path: Path):
     rows = table_rows([record, {**record, "layer": 0}], "index", (2, 2), 3)
     assert [(r["series"], r["layer"]) for r in rows] == [("probe", 0), ("probe", 1), ("chance", None),
                                                         ("chance", None), ("chance", None)]
+
+
+def test_the_visual_tokens_the_llm_receives_are_probed_on_their_own_grid(tiny_model, images, tmp_path):
+    """`features="visual-tokens"` stores transformers' projector output (get_image_features) per image, on the
+    visual-token grid, and nothing of the tower's layers."""
+    from mllm.encoding import encode_vision_inputs
+    from probes.activations import VISUAL_TOKENS, ImageList, extract_activations
+
+    squares = [image.resize((32, 32)) for image in images]
+    store = extract_activations(tiny_model, ImageList([str(i) for i in range(4)], lambda i: squares[i]),
+                                tmp_path / "store", features="visual-tokens", frame="padded", dtype="float32",
+                                progress=False)
+    assert store.spec.layers == [] and store.names == [VISUAL_TOKENS] and tuple(store.grid) == tiny_model.grid
+    pixels = encode_vision_inputs(tiny_model, squares, frame="padded")[0]["pixel_values"]
+    with torch.no_grad():
+        expected = torch.stack(list(tiny_model.model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=tiny_model.model.config.vision_feature_layer,
+            vision_feature_select_strategy="default").pooler_output))
+    np.testing.assert_allclose(np.asarray(store.features(VISUAL_TOKENS)), expected.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features 'llm'"):
+        extract_activations(tiny_model, ImageList(["0"], lambda i: squares[0]), tmp_path / "other", features="llm")
