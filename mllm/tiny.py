@@ -207,7 +207,8 @@ def build_tiny_minigptv2(directory: str | Path, sizes: TinyLlavaConfig | None = 
     vision = Blip2VisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
                                num_hidden_layers=sizes.vision_layers, num_attention_heads=sizes.vision_heads,
                                image_size=sizes.image_size, patch_size=sizes.patch_size, hidden_act="gelu",
-                               layer_norm_eps=1e-6, qkv_bias=True)
+                               layer_norm_eps=1e-6, qkv_bias=True,
+                               initializer_range=0.02)  # Blip2VisionConfig's default, 1e-10, gives a blank tower
     rows, cols = sizes.grid
     config = MiniGPTv2Config(vision_config=vision.to_dict(), text_config=llava.text_config.to_dict(),
                              image_token_id=tokenizer.unk_token_id, vision_feature_layer=-1,

@@ -190,10 +190,10 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     crop_config = {}
     grouped = model.adapter.patches_per_token
     for method, options in zip(methods, encode_options):
-        if options and grouped > 1:
-            raise ValueError(f"{method_spec(method)!r} reads the vision tower's states, one per patch, and "
-                             f"{model.model.config.model_type} feeds {grouped} patches per visual token: scoring a "
-                             "token by its patches is not implemented yet")
+        if options.get("vision_hidden_states") and grouped > 1:  # CLS attention sums per token; states do not
+            raise ValueError(f"{method_spec(method)!r} reads the vision tower's hidden states, one per patch, and "
+                             f"{model.model.config.model_type} feeds {grouped} patches per visual token: merging "
+                             "tokens by their patches' states is not implemented yet")
     if not model.adapter.tokens_on_one_grid:
         for method, options in zip(methods, encode_options):
             if isinstance(method, LayerPruningMethod) or options:

@@ -48,7 +48,7 @@ def images():
 
 
 def test_unpruned_generate_equals_transformers_generate(minigpt, images):
-    encoding = minigpt.encode(images, QUESTIONS)
+    encoding = minigpt.encode(images, QUESTIONS, frame="original")  # squashed, as the processor and MiniGPT-v2 do
     ours = minigpt.generate(encoding, max_new_tokens=10)
     assert ours.token_ids == transformers_generate_tokens(minigpt, images, encoding.prompts, 10)
 
@@ -85,6 +85,36 @@ def test_pruned_prefill_equals_transformers_forward_on_the_kept_tokens(minigpt, 
             torch.testing.assert_close(run.prefill_logits[row][mask], reference.logits[0], atol=1e-5, rtol=1e-5)
 
 
+def test_cls_visual_scores_a_strip_by_the_cls_attention_to_its_four_patches(minigpt_dir, images):
+    """The CLS row of the penultimate layer's attention, recomputed here from transformers' hidden states and the
+    layer's own qkv weights, summed over each token's patches 4j .. 4j + 3; the method keeps the top tokens."""
+    from pruning.apply import select_tokens
+    from pruning.budget import Budget
+    from pruning.methods.cls_visual import cls_attention
+    from pruning.registry import make_method
+
+    minigpt = mllm.load(minigpt_dir, device="cpu", dtype="float32")  # this test's own: sharpened below
+    with torch.no_grad():  # random init attends almost uniformly; larger queries and keys make the CLS row peak
+        for layer in minigpt.model.model.vision_tower.encoder.layers:
+            layer.self_attn.qkv.weight.mul_(20)
+    method = make_method("cls-visual")
+    encoding = minigpt.encode(images, QUESTIONS, **method.encode_options(minigpt))
+    network = minigpt.model.model.vision_tower
+    with torch.no_grad():
+        hidden = network(encoding.pixel_values, output_hidden_states=True).hidden_states
+        layer = network.encoder.layers[-2]
+        qkv = layer.self_attn.qkv(layer.layer_norm1(hidden[-3]))  # the input of the penultimate block
+        heads = minigpt.model.config.vision_config.num_attention_heads
+        q, k, _ = (part.reshape(4, qkv.shape[1], heads, -1).transpose(1, 2) for part in qkv.chunk(3, dim=-1))
+        attention = (q @ k.transpose(-1, -2) * layer.self_attn.scale).softmax(-1)
+        per_patch = attention[:, :, 0, 1:].mean(dim=1)  # (4 images, 64 patches)
+        expected = torch.stack([per_patch[:, 4 * j:4 * j + 4].sum(dim=1) for j in range(16)], dim=1)
+    torch.testing.assert_close(cls_attention(minigpt, encoding, -2), expected)
+    assert expected.std(dim=1).min() > 1e-3  # the scores differ, so the order below means something
+    kept = select_tokens(minigpt, encoding, method, Budget(kept=5)).kept
+    assert torch.equal(torch.as_tensor(kept), expected.topk(5, dim=1).indices)
+
+
 def test_the_prompt_and_the_box_format_are_minigptv2s(minigpt, images):
     style = default_style_for("minigptv2")
     assert style.name == "minigptv2" and style.box_format == "normalized100" and style.answer_frame == "original"
@@ -111,8 +141,8 @@ def test_every_analysis_cli_runs_on_minigptv2(minigpt_dir, rec_data, tmp_path, c
                    "--kind", "permuted", "--strength", "0,1", "--out", tmp_path / "misalign") == 0
     assert set(pd.read_csv(tmp_path / "misalign" / "ablation.csv").strength) == {0.0, 1.0}
     assert run_cli(pruning_main, "--model", minigpt_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
-                   "--methods", "random,spatial,text-visual,fastv", "--ratios", "0.5", "--positions", "reassign,keep",
-                   "--out", tmp_path / "pruning") == 0
+                   "--methods", "random,spatial,text-visual,fastv,cls-visual", "--ratios", "0.5", "--positions",
+                   "reassign,keep", "--out", tmp_path / "pruning") == 0
     table = pd.read_csv(tmp_path / "pruning" / "pruning.csv")
     assert {("spatial", "keep"), ("fastv", "reassign")} <= set(zip(table.method, table.positions))
     assert (table[table.method == "spatial"].tokens_fed == 8).all()
@@ -120,7 +150,7 @@ def test_every_analysis_cli_runs_on_minigptv2(minigpt_dir, rec_data, tmp_path, c
     assert run_cli(attention_main, "--model", minigpt_dir, "--rec", f"jsonl:{rec_data}", "--methods", "random",
                    "--ratios", "0.5", "--positions", "reassign,keep", "--out", tmp_path / "attention") == 0
     assert run_cli(pruning_main, "--model", minigpt_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
-                   "--methods", "cls-visual", "--ratios", "0.5", "--out", tmp_path / "refused") == 2
+                   "--methods", "prumerge+", "--ratios", "0.5", "--out", tmp_path / "refused") == 2
     assert "4 patches per visual token" in capsys.readouterr().err
     assert probes_main(["--model", str(minigpt_dir), "--images", str(rec_data / "images"), "--out",
                         str(tmp_path / "probe"), "--no-progress", "--bootstrap", "20", "--test-fraction", "0.5"]) == 0

@@ -210,6 +210,13 @@ class ModelAdapter:
         """(B, rows * cols, D): the patch embeddings before any block, with or without the position embedding added."""
         raise NotImplementedError
 
+    def token_scores(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """(B, patches) scores of the tower's patches in raster order -> (B, N) per visual token: the sum over the
+        `patches_per_token` consecutive patches each token concatenates (the scores themselves where it is 1)."""
+        if self.patches_per_token == 1:
+            return patch_scores
+        return patch_scores.reshape(patch_scores.shape[0], -1, self.patches_per_token).sum(dim=-1)
+
     def llm_attention(
         self,
         layer: int,

@@ -17,6 +17,15 @@ from mllm.positions import VisualLayout
 from mllm.visual_tokens import VisualTokens
 
 
+def shown_side(image_processor: Any) -> int:
+    """The side of the square a CLIP-style image processor hands the tower: its crop, or its resize where it
+    does not crop (MiniGPT-v2 squashes)."""
+    crop = getattr(image_processor, "crop_size", None)
+    if crop and getattr(image_processor, "do_center_crop", True):
+        return int(crop["height"])
+    return int(image_processor.size["height"])
+
+
 @register_adapter
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5 as `LlavaForConditionalGeneration`: CLIP ViT + MLP projector + Llama-style LLM."""
@@ -58,7 +67,7 @@ class LlavaAdapter(ModelAdapter):
         self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
     ) -> tuple[list[Image.Image], list[ImageFrame]]:
         image_processor = processor.image_processor
-        side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
+        side = shown_side(image_processor)
         background = tuple(int(255 * channel) for channel in image_processor.image_mean)
         squares, frames = zip(*(to_model_square(image, frame, side, background) for image in images))
         return list(squares), list(frames)

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from mllm.adapters.base import register_adapter
-from mllm.adapters.llava import LlavaAdapter
+from mllm.adapters.llava import LlavaAdapter, shown_side
 from mllm.images import FrameKind, ImageFrame, to_model_square
 from mllm.shikra import ShikraForConditionalGeneration
 
@@ -30,6 +30,6 @@ class ShikraAdapter(LlavaAdapter):
         self, processor: Any, images: Sequence[Image.Image], frame: FrameKind
     ) -> tuple[list[Image.Image], list[ImageFrame]]:
         image_processor = processor.image_processor
-        side = (getattr(image_processor, "crop_size", None) or image_processor.size)["height"]
+        side = shown_side(image_processor)
         squares, frames = zip(*(to_model_square(image, frame, side, WHITE) for image in images))
         return list(squares), list(frames)

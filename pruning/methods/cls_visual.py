@@ -9,14 +9,15 @@ from pruning.registry import Selection, VisionPruning, register_method, require_
 
 
 def cls_attention(model: mllm.MLLM, encoding: mllm.Encoding, layer: int) -> torch.Tensor:
-    """(B, N) the CLS query's attention to each patch at vision layer `layer`, averaged over heads."""
+    """(B, N) the CLS query's attention to each visual token's patches at vision layer `layer`, averaged over
+    heads (summed over a token's patches where it concatenates several: MiniGPT-v2's 1 x 4 strips)."""
     attentions = encoding.vision_attentions or {}
     resolved = layer % len(model.adapter.vision_layers)
     if resolved not in attentions:
         raise ValueError(f"this method reads vision layer {layer}'s attention: encode with "
                          f"vision_attentions=[{layer}] (method.encode_options(model) says so)")
     cls_row = attentions[resolved][:, :, 0, :].mean(dim=1)  # (B, 1 + N)
-    return model.adapter.vision_patch_tokens(cls_row[..., None])[..., 0]
+    return model.adapter.token_scores(model.adapter.vision_patch_tokens(cls_row[..., None])[..., 0])
 
 
 @register_method
