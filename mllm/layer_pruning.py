@@ -131,6 +131,9 @@ class _PruningState:
     previous: dict[str, Any] | None = None  # layer K-1's attention inputs, for the next stage to score with
     decoded: int = 0  # tokens fed after the prompt so far
     hooks: list[Any] = field(default_factory=list)
+    # Under reassign, a stage's renumbered rotary embeddings for the current forward pass, made by its first layer
+    # and reused by the rest: (stage, prefill, decoded) -> (cos, sin).
+    rotary: tuple[tuple[int, bool, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         batch, length = self.attention_mask.shape
@@ -300,7 +303,10 @@ def _slice_layer_inputs(state: _PruningState, layer: int, args: tuple, kwargs: d
         if reassign:  # continue the stage's renumbered sequence: its last ID + tokens decoded
             positions = sequence.positions[:, -1:] + state.decoded
     if reassign:
-        kwargs["position_embeddings"] = state.adapter.rotary_embeddings(hidden, positions)
+        key = (stage, prefill, state.decoded)
+        if state.rotary is None or state.rotary[0] != key:
+            state.rotary = (key, state.adapter.rotary_embeddings(hidden, positions))
+        kwargs["position_embeddings"] = state.rotary[1]
     elif prefill:  # keep: each token's own (or its anchor's) rotary position, gathered from the full prompt's
         cos_sin = kwargs["position_embeddings"]
         kwargs["position_embeddings"] = tuple(_gather(part, 1, sequence.source) for part in cos_sin)
