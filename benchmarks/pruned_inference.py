@@ -17,7 +17,8 @@ rounds (so drift in the machine's speed falls on all alike), medians reported:
   ideal (efficiency = measured speed-up / FLOPs ratio), and GAP's cost (keep / reassign prefill, memory);
 - `fastv` on the toolkit's SDPA path (it recomputes one layer's attention from its queries and keys) against
   FastV's own way, eager attention in every layer so that the weights exist (the model loaded with
-  `attn_implementation="eager"`), and against FlashAttention-2 where `flash_attn` is installed;
+  `attn_implementation="eager"`); FlashAttention-2, where `flash_attn` is installed, on `random` (in-LLM pruning
+  runs on eager and SDPA only);
 - throughput (requests per second) at each of `--batches`, prompts of different lengths left-padded.
 
 Times are wall clock around each phase with the device synchronised (`mllm.generate`'s own prefill and decode
@@ -188,9 +189,11 @@ def plan(methods: Sequence[str], ratios: Sequence[float], batches: Sequence[int]
             continue
         configurations.append({"part": "attention", "method": "random", "budget": "0", "positions": "keep",
                                "batch": 1, "attention": attention})
+        # In-LLM pruning runs on eager and SDPA only: FlashAttention-2 is compared on pruning before the LLM.
+        method = "fastv" if attention == "eager" else "random"
         for ratio in ratios:
             if ratio:
-                configurations.append({"part": "attention", "method": "fastv", "budget": f"{ratio:g}",
+                configurations.append({"part": "attention", "method": method, "budget": f"{ratio:g}",
                                        "positions": "keep", "batch": 1, "attention": attention})
     for batch in batches:
         for budget in ("0", "0.75"):
