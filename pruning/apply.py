@@ -150,10 +150,11 @@ def prune_generate(model: mllm.MLLM, encoding: mllm.Encoding, method: PruningMet
                          **generate_options)
 
 
-# Why an in-LLM method, or one that reads the vision tower, cannot prune visual tokens of several crops yet.
+# Why an in-LLM method, or one that merges by the tower's hidden states, cannot prune several crops yet.
 NOT_ON_CROPS = ("visual tokens of several crops with newlines (LLaVA-NeXT) are pruned by methods that select "
-                "before the LLM from what it is fed (random, spatial, text-visual, your own); in-LLM methods and "
-                "methods reading the vision tower's attentions or states per crop are not implemented for them yet")
+                "before the LLM from what it is fed or from the CLS attention (random, spatial, text-visual, "
+                "cls-visual, your own); in-LLM methods and methods merging by the vision tower's hidden states "
+                "are not implemented for them yet")
 
 
 def layout_groups(encoding: mllm.Encoding) -> list[list[int]]:

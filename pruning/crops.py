@@ -3,8 +3,9 @@
 LLaVA-NeXT feeds a base crop and an unpadded tile canvas with an `image_newline` token after each canvas
 row (`mllm.visual_tokens`). A method never sees that layout: it selects on a *crop view*, the batch as if
 the image had fed one crop's tokens in raster order over that crop's grid, so a method that selects from
-what the LLM is fed (`random`, `spatial`, `text-visual`, your own) runs unchanged; methods reading the
-vision tower's attentions or states per crop, and in-LLM methods, are not implemented for crops yet.
+what the LLM is fed (`random`, `spatial`, `text-visual`, your own) runs unchanged, and so does `cls-visual`:
+the view carries each token's CLS attention from its own crop's tower pass. Methods that merge by the tower's
+hidden states, and in-LLM methods, are not implemented for crops yet.
 The newline tokens are never a method's: the rule decides them afterwards.
 Two documented choices, where pruning code for LLaVA-NeXT disagrees:
 
@@ -68,6 +69,17 @@ def crop_view(encoding: mllm.Encoding, tokens: torch.Tensor, grid: tuple[int, in
                           source.grids))
     layouts = [mllm.VisualLayout(layout.prefix_len, layout.suffix_len, layout.visual_ids[:, tokens])
                for layout in encoding.layouts]
+    attentions = None
+    if encoding.vision_attentions:  # each token's CLS attention from its own tower pass (crop): a CLS row per view
+        passes, patches = source.tower_pass[tokens.cpu()], source.tower_patch[tokens.cpu()]
+        attentions = {}
+        for layer, per_image in encoding.vision_attentions.items():
+            cls_rows = []
+            for image in per_image:  # (passes, H, T, T)
+                picked = image[:, :, 0, 1:][passes, :, patches]  # (n, H): pass p's CLS query on its patch
+                cls_rows.append(torch.cat([picked.new_zeros(1, picked.shape[1]), picked]).T[:, None, :])
+            attentions[layer] = torch.stack(cls_rows)  # (B, H, 1, 1 + n): only the CLS query's row
+
     device = encoding.input_ids.device
     return dataclasses.replace(
         encoding, input_ids=encoding.input_ids[rows.to(device), index.to(device)],
@@ -77,7 +89,7 @@ def crop_view(encoding: mllm.Encoding, tokens: torch.Tensor, grid: tuple[int, in
         position_ids=encoding.position_ids[:, rows.to(device), index.to(device)],
         visual_counts=[len(tokens)] * encoding.batch_size, grids=[grid] * encoding.batch_size,
         layouts=layouts, visual_tokens=[shown] * encoding.batch_size,
-        vision_hidden_states=None, vision_attentions=None)
+        vision_hidden_states=None, vision_attentions=attentions)
 
 
 def split_budget(total: int, sizes: list[int]) -> list[int]:

@@ -196,7 +196,7 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
                              "tokens by their patches' states is not implemented yet")
     if not model.adapter.tokens_on_one_grid:
         for method, options in zip(methods, encode_options):
-            if isinstance(method, LayerPruningMethod) or options:
+            if isinstance(method, LayerPruningMethod) or options.get("vision_hidden_states"):
                 raise ValueError(f"{method_spec(method)!r} on {model.model.config.model_type}: {NOT_ON_CROPS}")
         crops = crops or CropRule()
         crop_config = crops.config()

@@ -35,11 +35,14 @@ def model(next_dir):
     return mllm.load(next_dir, device="cpu", dtype="float32")
 
 
+RNG = np.random.default_rng(1)
+IMAGES = {(width, height): Image.fromarray(RNG.integers(0, 255, (height, width, 3), dtype=np.uint8))
+          for width, height in SIZES}
+
+
 @pytest.fixture(scope="module")
 def encodings(model):
-    rng = np.random.default_rng(1)
-    images = [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for width, height in SIZES]
-    return [model.encode([image], ["Where is the red circle?"], frame="original") for image in images]
+    return [model.encode([IMAGES[size]], ["Where is the red circle?"], frame="original") for size in SIZES]
 
 
 def span(encoding):
@@ -143,8 +146,47 @@ def test_the_pruning_cli_runs_on_llava_next_and_records_its_crop_rule(next_dir, 
     assert fed.loc[(0.5, "keep")].tokens_fed == fed.loc[(0.5, "reassign")].tokens_fed
     records = [json.loads(line) for line in (out / "rec" / "random" / "0.9" / "keep" / "samples.jsonl").open()]
     assert all(record["error"] is None for record in records)
-    for method, refused in (("fastv", "fastv"), ("cls-visual", "cls-visual")):
+    for method, refused in (("fastv", "fastv"), ("prumerge+", "prumerge+")):
         assert run_cli(pruning_main, "--model", next_dir, "--rec", f"jsonl:{rec_data}", "--tasks", "rec",
                        "--methods", method, "--ratios", "0.5", "--out", tmp_path / method) == 2
         message = capsys.readouterr().err
         assert refused in message and "not implemented" in message
+
+
+def test_cls_visual_scores_each_token_by_its_own_crops_cls_attention(next_dir):
+    """cls-visual on LLaVA-NeXT, per crop: the base crop by its pass's CLS row, each canvas cell by the CLS row of
+    the tile it was cut from (transformers' own attentions, output_attentions on an eager model), the cell's
+    tile and patch re-derived here from the unpadding rule."""
+    from test_tiny_llava_next import best_resolution
+
+    from mllm.tiny import tiny_grid_pinpoints
+
+    eager = mllm.load(next_dir, device="cpu", dtype="float32", attn_implementation="eager")
+    method = make_method("cls-visual")
+    layer = len(eager.adapter.vision_layers) - 2
+    for width, height in SIZES:
+        encoding = eager.encode([IMAGES[(width, height)]], ["Where is the red circle?"], frame="original",
+                                **method.encode_options(eager))
+        kept = select_tokens(eager, encoding, method, Budget(pruned=0.5), CropRule("drop", "per-crop")).kept[0]
+        pixels = encoding.pixel_values[0]
+        canvas_h, canvas_w = best_resolution(height, width, tiny_grid_pinpoints(28))
+        passes = 1 + (canvas_h // 28) * (canvas_w // 28)  # the base crop, then the 28 px tiles
+        with torch.no_grad():
+            attention = eager.model.model.vision_tower(pixels[:passes], output_attentions=True).attentions[layer]
+        cls = attention[:, :, 0, 1:].mean(dim=1)  # (passes, 4 patches)
+        assert len(set(cls.flatten().tolist())) == cls.numel()  # no ties: the orders below mean something
+        base, cell, _ = span(encoding)
+        (_, _), (rows, cols) = encoding.visual_tokens[0].grids
+        padded_rows, padded_cols, tiles_w = canvas_h // 14, canvas_w // 14, canvas_w // 28
+        top, left = (padded_rows - rows) // 2, (padded_cols - cols) // 2
+        cell_scores = {}
+        for (r, c), index in cell.items():
+            pr, pc = r + top, c + left
+            cell_scores[index] = float(cls[1 + (pr // 2) * tiles_w + pc // 2, (pr % 2) * 2 + pc % 2])
+        total = Budget(pruned=0.5).num_kept(encoding.num_visual)
+        base_share, tile_share = split_budget(total, [base, len(cell)])
+        base_order = torch.sort(cls[0], descending=True, stable=True).indices[:base_share].tolist()
+        cells = sorted(cell.values())  # span indices, in the canvas view's raster order
+        scores = torch.tensor([cell_scores[index] for index in cells])
+        tile_order = [cells[i] for i in torch.sort(scores, descending=True, stable=True).indices[:tile_share]]
+        assert kept.tolist() == base_order + tile_order

@@ -16,7 +16,11 @@ from typing import Any
 import torch
 from PIL import Image
 from transformers import LlavaNextForConditionalGeneration
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+    unpad_image,
+)
 
 from mllm.adapters.base import VisionOutput, register_adapter
 from mllm.adapters.llava import LlavaAdapter
@@ -76,22 +80,33 @@ class LlavaNextAdapter(LlavaAdapter):
                                                        config.vision_config.image_size)
         canvas = torch.empty(1, tiles_h * rows, tiles_w * cols)
         unpadded = unpad_image(canvas, list(image_size))
-        return VisualTokens.llava_next((rows, cols), (int(unpadded.shape[1]), int(unpadded.shape[2])))
+        height, width = int(unpadded.shape[1]), int(unpadded.shape[2])
+        # unpad_image crops the padding symmetrically: what it removed above and to the left
+        offset = ((tiles_h * rows - height) // 2, (tiles_w * cols - width) // 2)
+        return VisualTokens.llava_next((rows, cols), (height, width), (tiles_h, tiles_w), offset)
 
     def encode_images(self, batch: Mapping[str, torch.Tensor], output_hidden_states: bool = False) -> VisionOutput:
-        if output_hidden_states:
-            raise UnsupportedModelError("llava_next: the vision tower's hidden states per crop are not exposed yet")
         config = self.model.config
         sizes = batch["image_sizes"]
         outputs = self.model.model.get_image_features(
             pixel_values=batch["pixel_values"], image_sizes=sizes, vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True)
+            vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True,
+            **({"output_hidden_states": True} if output_hidden_states else {}))
         tokens = [self.token_map(size) for size in sizes.tolist()]
         packed = outputs.pooler_output  # one tensor, or (transformers >= 5.2x) one per image
         features = list(packed) if isinstance(packed, (list, tuple)) else packed.split([row.count for row in tokens])
         if any(len(part) != row.count for part, row in zip(features, tokens)):
             raise RuntimeError("llava_next: the packed features do not match the token map")
-        return VisionOutput(list(features), [None] * len(tokens), None, tokens)
+        hidden = None
+        if output_hidden_states:  # per layer, per image: (its tower passes, 1 + patches, D), base crop first
+            passes = [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                      for size in sizes.tolist()]
+            hidden = tuple(list(state.split(passes)) for state in outputs.hidden_states)
+        return VisionOutput(list(features), [None] * len(tokens), hidden, tokens)
+
+    def vision_attention(self, layer: int, hidden_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per image, (its tower passes, H, T, T): each crop's own attention, recomputed from its pass's input."""
+        return [super(LlavaNextAdapter, self).vision_attention(layer, passes) for passes in hidden_states]
 
     def input_size(self, tokens: VisualTokens) -> tuple[int, int]:
         side = int(self.model.config.vision_config.image_size)
