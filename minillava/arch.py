@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     CLIPTextConfig,
@@ -61,6 +62,37 @@ QWEN_PRESETS = {
 QWEN_SCENE_SIZES = {"cpu": (48, 56, 64), "gpu": (64, 80, 96, 112), "test": (24, 32)}
 
 
+class PositionHeads(nn.Module):
+    """Linear read-outs of each patch's index from the tower's last two layers (LLaVA's spatial tower: one grid)."""
+
+    def __init__(self, hidden: int, patches: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(hidden, patches) for _ in range(2)])
+
+    def forward(self, patch_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        losses = []
+        for head, patches in zip(self.heads, patch_states[-2:]):
+            target = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
+            losses.append(F.cross_entropy(head(patches).flatten(0, 1).float(), target.flatten()))
+        return torch.stack(losses).mean()
+
+
+class RowColumnHeads(nn.Module):
+    """Linear read-outs of each patch's row and column from the tower's last two layers (Qwen's spatial tower:
+    scenes of several sizes, so a patch's row and column rather than one grid's index)."""
+
+    def __init__(self, hidden: int, side: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([nn.ModuleList([nn.Linear(hidden, side), nn.Linear(hidden, side)])
+                                    for _ in range(2)])
+
+    def forward(self, patch_states: tuple[Sequence[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        states, positions = patch_states  # each (patches of every image, D); (patches, 2) rows and columns
+        losses = [F.cross_entropy(head(layer).float(), positions[:, axis])
+                  for pair, layer in zip(self.heads, states[-2:]) for axis, head in enumerate(pair)]
+        return torch.stack(losses).mean()
+
+
 class Architecture:
     """One miniature architecture: its sizes, tokenizer, processor, towers and the LLM's forward."""
 
@@ -68,6 +100,7 @@ class Architecture:
     prompt_style: str
     towers: tuple[str, ...]
     answer_separator: str  # between the prompt and the answer, as the chat template continues
+    spatial_readout: str  # what the spatial tower's regulariser reads out, for the card
 
     def sizes(self, preset: str) -> TinyLlavaConfig | TinyQwenConfig:
         raise NotImplementedError
@@ -102,6 +135,10 @@ class Architecture:
         """Stage 1's view of the tower: one pooled vector per image and, when asked, every layer's patch states."""
         raise NotImplementedError
 
+    def position_heads(self, preset: str) -> nn.Module:
+        """The spatial tower's read-outs: called on `tower_outputs`' patch states, they return the regulariser."""
+        raise NotImplementedError
+
     def build_model(self, preset: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
         raise NotImplementedError
 
@@ -127,6 +164,7 @@ class Architecture:
 
 class Llava(Architecture):
     name, prompt_style, towers, answer_separator = "llava", "llava-1.5", ("contrastive", "spatial"), " "
+    spatial_readout = "each patch's index"
 
     def sizes(self, preset: str) -> TinyLlavaConfig:
         return parts.PRESETS[preset]
@@ -158,6 +196,10 @@ class Llava(Architecture):
         patches = [states[:, 1:] for states in output.hidden_states] if patch_states else None  # CLS dropped
         return output.pooler_output, patches
 
+    def position_heads(self, preset: str) -> nn.Module:
+        sizes = self.sizes(preset)
+        return PositionHeads(sizes.vision_hidden, (sizes.image_size // sizes.patch_size) ** 2)
+
     def build_model(self, preset: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
         return parts.build_llava(self.sizes(preset), tokenizer)
 
@@ -185,7 +227,8 @@ class Llava(Architecture):
 
 
 class Qwen2VL(Architecture):
-    name, prompt_style, towers, answer_separator = "qwen2-vl", "qwen2-vl", ("contrastive",), ""
+    name, prompt_style, towers, answer_separator = "qwen2-vl", "qwen2-vl", ("contrastive", "spatial"), ""
+    spatial_readout = "each patch's row and column"
 
     def sizes(self, preset: str) -> TinyQwenConfig:
         return QWEN_PRESETS[preset]
@@ -224,10 +267,18 @@ class Qwen2VL(Architecture):
         return list(output.split(grid.prod(-1).tolist()))
 
     def tower_outputs(self, vision: nn.Module, pixels: dict[str, torch.Tensor], *, patch_states: bool = False
-                      ) -> tuple[torch.Tensor, Sequence[torch.Tensor] | None]:
-        if patch_states:
-            raise SystemExit("--arch qwen2-vl trains a contrastive tower only (no spatial read-out)")
-        return torch.stack([patches.mean(0) for patches in self._per_image(vision, pixels)]), None
+                      ) -> tuple[torch.Tensor, tuple[Sequence[torch.Tensor], torch.Tensor] | None]:
+        grid = pixels["image_grid_thw"]
+        output = vision(pixels["pixel_values"].to(vision.dtype), grid_thw=grid, output_hidden_states=patch_states)
+        pooled = torch.stack([patches.mean(0) for patches in output.last_hidden_state.split(grid.prod(-1).tolist())])
+        if not patch_states:
+            return pooled, None
+        merge = vision.spatial_merge_size
+        return pooled, (list(output.hidden_states), merge_order_positions(grid, merge).to(pooled.device))
+
+    def position_heads(self, preset: str) -> nn.Module:
+        sizes = self.sizes(preset)
+        return RowColumnHeads(sizes.vision_hidden, max(QWEN_SCENE_SIZES[preset]) // sizes.patch_size)
 
     def build_model(self, preset: str, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
         model = Qwen2VLForConditionalGeneration(tiny_qwen_config(self.sizes(preset), tokenizer, "qwen2_vl"))
@@ -262,6 +313,19 @@ class Qwen2VL(Architecture):
 
     def save(self, model: PreTrainedModel, processor: ProcessorMixin, out: Path) -> Path:
         return save_qwen_checkpoint(model, processor.tokenizer, processor.image_processor, out, "qwen2_vl")
+
+
+def merge_order_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(patches, 2): each ViT patch's (row, column) in the order Qwen2-VL's ViT holds them, merge block by merge
+    block (its `rot_pos_emb`'s order), for every image of `grid_thw` in turn."""
+    positions = []
+    for frames, rows, cols in grid_thw.tolist():
+        row = torch.arange(rows)[:, None].expand(rows, cols)
+        col = torch.arange(cols)[None, :].expand(rows, cols)
+        blocks = [axis.reshape(rows // merge, merge, cols // merge, merge).permute(0, 2, 1, 3).flatten()
+                  for axis in (row, col)]
+        positions.append(torch.stack(blocks, dim=1).repeat(frames, 1))
+    return torch.cat(positions)
 
 
 class QwenContrastive(nn.Module):

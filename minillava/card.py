@@ -192,8 +192,8 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
     rec, vqa = evaluation["rec"], evaluation["vqa"]
     tower = ("contrastive on position-free captions" + ("" if arch.name == "llava" else " (the mean of its patches)")
              if config["tower"] == "contrastive" else
-             f"contrastive + spatial regulariser (weight {config['spatial_weight']}: a linear read-out of each "
-             "patch's index from the last two layers)")
+             f"contrastive + spatial regulariser (weight {config['spatial_weight']}: a linear read-out of "
+             f"{arch.spatial_readout} from the last two layers)")
     title = config["tower"] if arch.name == "llava" else f"{arch.name} ({config['tower']} tower)"
     lines = [
         f"# minillava-{title}",

@@ -11,7 +11,8 @@ Llama) or `qwen2-vl` (Qwen2-VL: a native-resolution ViT with 2-D RoPE, its 2x2 m
 M-RoPE; scenes at several sizes, answers in Qwen2-VL's box format). The recipe is the same for both.
 
 Stage 1 trains the ViT contrastively on position-free captions (`--tower spatial` adds a small
-loss that keeps patch position linearly decodable in the tower's last two layers). Stage 2 freezes
+loss that keeps patch position linearly decodable in the tower's last two layers: a patch's index on
+LLaVA's one grid, its row and column on Qwen's several). Stage 2 freezes
 the vision tower and trains projector + Llama on REC and VQA instructions and captions, worded as the
 `llava-1.5` prompt style asks at evaluation, with the loss on answer tokens only; `--stage2-tower trained`
 trains the tower's blocks with them, as Qwen2-VL's own second stage does. Each stage logs
@@ -225,23 +226,8 @@ def caption_batch(step: int, config: TrainConfig, tokenizer: PreTrainedTokenizer
     return [scene.render() for scene in scenes], padded, lengths
 
 
-class PositionHeads(torch.nn.Module):
-    """Linear read-outs of each patch's index from the tower's last two layers (the spatial tower)."""
-
-    def __init__(self, hidden: int, patches: int) -> None:
-        super().__init__()
-        self.heads = torch.nn.ModuleList([torch.nn.Linear(hidden, patches) for _ in range(2)])
-
-    def forward(self, patch_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        losses = []
-        for head, patches in zip(self.heads, patch_states[-2:]):
-            target = torch.arange(patches.shape[1], device=patches.device).expand(patches.shape[0], -1)
-            losses.append(F.cross_entropy(head(patches).flatten(0, 1).float(), target.flatten()))
-        return torch.stack(losses).mean()
-
-
 def contrastive_loss(clip: nn.Module, pixels: dict[str, torch.Tensor], ids: torch.Tensor, lengths: torch.Tensor,
-                     heads: PositionHeads | None, *, arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
+                     heads: nn.Module | None, *, arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
     pooled, patch_states = arch.tower_outputs(clip.vision_model, pixels, patch_states=heads is not None)
     image = F.normalize(clip.visual_projection(pooled).float(), dim=-1)
     mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
@@ -262,8 +248,8 @@ def train_tower(config: TrainConfig, processor: object, work: Path, log: Log, *,
     torch.manual_seed(config.seed)
     clip = arch.contrastive_model(config.preset, tokenizer, config.text_tower)
     heads = None
-    if config.tower == "spatial":  # LLaVA only (Architecture.towers): one image size, so one patch count
-        heads = PositionHeads(config.sizes.vision_hidden, (config.sizes.image_size // config.sizes.patch_size) ** 2)
+    if config.tower == "spatial":
+        heads = arch.position_heads(config.preset)
     modules = torch.nn.ModuleList([clip, *([heads] if heads else [])]).to(device)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.stage1_lr, weight_decay=0.05)
     start, seconds = _resume(work / "stage1.pt", config, modules, optimizer)

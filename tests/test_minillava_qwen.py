@@ -168,6 +168,47 @@ def test_a_stage2_that_trains_the_vit_feeds_each_scene_through_it_with_gradients
     assert "ViT + merger + LLM" in card and "--stage2-tower trained" in card
 
 
+def test_the_spatial_read_out_targets_each_patch_where_the_processor_put_it():
+    """Qwen's ViT holds its patches merge block by merge block; the read-out's (row, column) targets are checked
+    against patches painted with their own row and column, as the processor flattens them."""
+    from PIL import Image
+
+    from minillava.arch import merge_order_positions
+
+    sizes = QWEN.sizes("test")
+    processor = QWEN.processor("test", build_tokenizer(style="qwen2-vl"))
+    patch = sizes.patch_size
+    images, grids = [], [(4, 4), (6, 4)]  # (rows, cols) of patches: a square and a tall image
+    for rows, cols in grids:
+        paint = np.zeros((rows * patch, cols * patch, 3), dtype=np.uint8)
+        for row in range(rows):
+            for col in range(cols):
+                paint[row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] = (20 * row, 20 * col, 0)
+        images.append(Image.fromarray(paint))
+    pixels = QWEN.pixels(processor, images)
+    assert pixels["image_grid_thw"][:, 1:].tolist() == [list(grid) for grid in grids]
+    values = pixels["pixel_values"].reshape(len(pixels["pixel_values"]), 3, -1).mean(dim=-1)  # (patches, RGB)
+    mean = torch.tensor(processor.image_processor.image_mean)
+    std = torch.tensor(processor.image_processor.image_std)
+    painted = ((values * std + mean) * 255 / 20).round().long()[:, :2]  # (row, col) as painted
+    positions = merge_order_positions(pixels["image_grid_thw"], sizes.spatial_merge_size)
+    assert torch.equal(positions, painted)
+
+
+def test_a_qwen_spatial_tower_trains_its_row_and_column_read_outs(tmp_path):
+    out = training.train(qwen_config(tower="spatial", stage2_steps=5), tmp_path / "model", tmp_path / "work",
+                         progress=False)
+    stage1 = torch.load(tmp_path / "work" / "stage1.pt", weights_only=False)
+    heads = [key for key in stage1["model"] if key.startswith("1.heads.")]
+    assert len(heads) == 8  # two layers x (row, column) x (weight, bias)
+    assert stage1["config"]["tower"] == "spatial"
+    from minillava.card import evaluate_and_card
+
+    write_eval_split(tmp_path / "split", rec_scenes=2, vqa_scenes=1, size=max(QWEN_SCENE_SIZES["test"]))
+    evaluate_and_card(out, tmp_path / "split", tmp_path / "results", device="cpu")
+    assert "read-out of each patch's row and column" in (out / "README.md").read_text()
+
+
 def test_qwen_runs_repeat_with_the_same_seed(trained, tmp_path):
     _, work = trained
     again = training.train(qwen_config(), tmp_path / "model", tmp_path / "work", progress=False)
@@ -213,7 +254,7 @@ def test_the_qwen_card_describes_its_architecture_and_what_was_measured(trained,
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"tower": "spatial"}, "--arch qwen2-vl trains one of"),
+    ({"tower": "sharp"}, "--arch qwen2-vl trains one of"),
     ({"tower_from": "data/minillava/spatial"}, "--tower-from: implemented for --arch llava"),
     ({"arch": "qwen3"}, "--arch 'qwen3'"),
     ({"stage2_tower": "partly"}, "--stage2-tower 'partly'"),
