@@ -30,7 +30,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import AutoTokenizer, LlamaConfig, LlavaProcessor
 
-from mllm.convert_common import ConversionError, Weights, read_config, require, write_checkpoint
+from mllm.convert_common import ConversionError, Weights, check_state, read_config, require, write_checkpoint
 from mllm.shikra import SHIKRA_CHAT_TEMPLATE, SHIKRA_TOKENS, ShikraConfig, ShikraForConditionalGeneration
 from mllm.tiny import CLIPImageProcessor  # the PIL one: the toolkit never installs torchvision
 
@@ -119,17 +119,8 @@ def convert_shikra(llama: str | Path, delta: str | Path, clip: str | Path, out: 
     clip_weights = Weights(clip)
     state |= {"model.vision_tower." + key.removeprefix("vision_model."): clip_weights[key]
               for key in clip_weights.keys() if key.startswith("vision_model.")}
-    with torch.device("meta"):
-        expected = {key: value.shape for key, value in ShikraForConditionalGeneration(config).state_dict().items()}
-    for key, shape in expected.items():
-        if key not in state:
-            source = clip if key.startswith("model.vision_tower.") else delta
-            raise ConversionError(f"{source}: no tensor for {key!r}")
-        if state[key].shape != shape:
-            raise ConversionError(f"{key}: shape {tuple(state[key].shape)}, the architecture needs {tuple(shape)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ConversionError(f"{clip}: tensor {extra[0]!r} has no place in the architecture")
+    check_state(state, ShikraForConditionalGeneration, config, vision_source=clip, other_source=delta,
+                extra_source=clip)
 
     def write(directory: Path) -> None:
         save_torch_state_dict({key: tensor.contiguous() for key, tensor in state.items()}, directory)

@@ -77,6 +77,23 @@ def require(config: dict, path: Path, field: str, wanted: object, why: str) -> N
         raise ConversionError(f"{path}: field '{field}' is {config.get(field)!r}, expected {wanted!r} ({why})")
 
 
+def check_state(state: dict[str, torch.Tensor], model_class: type, config: object, *, vision_source: Path,
+                other_source: Path, extra_source: Path) -> None:
+    """Refuse `state` unless it holds exactly the tensors `model_class(config)` has, in its shapes: a missing one
+    named with the file it should come from (`vision_source` for the tower's, `other_source` for the rest)."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {key: value.shape for key, value in model_class(config).state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            source = vision_source if key.startswith("model.vision_tower.") else other_source
+            raise ConversionError(f"{source}: no tensor for {key!r}")
+        if tuple(state[key].shape) != tuple(shape):
+            raise ConversionError(f"{key}: shape {tuple(state[key].shape)}, the architecture needs {tuple(shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise ConversionError(f"{extra_source}: tensor {extra[0]!r} has no place in the architecture")
+
+
 def write_checkpoint(out: Path, write: Callable[[Path], None]) -> Path:
     """`write` into a directory beside `out`, renamed to `out` once it returns; nothing is left behind otherwise."""
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

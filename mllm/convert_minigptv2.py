@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Blip2VisionConfig, LlamaConfig, LlavaProcessor
 
-from mllm.convert_common import ConversionError, Weights, read_config, require, write_checkpoint
+from mllm.convert_common import ConversionError, Weights, check_state, read_config, require, write_checkpoint
 from mllm.minigptv2 import MINIGPTV2_CHAT_TEMPLATE, MiniGPTv2Config, MiniGPTv2ForConditionalGeneration
 from mllm.tiny import CLIPImageProcessor  # the PIL one: the toolkit never installs torchvision
 
@@ -198,17 +198,8 @@ def convert_minigptv2(checkpoint: str | Path, eva: str | Path, llama: str | Path
                              vision_feature_select_strategy="default",
                              image_seq_length=grid * grid // shape.tokens_per_group,
                              tokens_per_group=shape.tokens_per_group, tie_word_embeddings=False)
-    with torch.device("meta"):
-        expected = {key: value.shape for key, value in MiniGPTv2ForConditionalGeneration(config).state_dict().items()}
-    for key, wanted in expected.items():
-        if key not in state:
-            source = eva if key.startswith("model.vision_tower.") else llama
-            raise ConversionError(f"{source}: no tensor for {key!r}")
-        if tuple(state[key].shape) != tuple(wanted):
-            raise ConversionError(f"{key}: shape {tuple(state[key].shape)}, the architecture needs {tuple(wanted)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise ConversionError(f"{llama}: tensor {extra[0]!r} has no place in the architecture")
+    check_state(state, MiniGPTv2ForConditionalGeneration, config, vision_source=eva, other_source=llama,
+                extra_source=llama)
     dtype = state["model.language_model.embed_tokens.weight"].dtype
 
     def write(directory: Path) -> None:
