@@ -71,6 +71,14 @@ def run_cli(main, *args: object) -> int:
 
 
 @pytest.fixture(scope="session")
+def next_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random LLaVA-NeXT checkpoint (`mllm.tiny.build_tiny_llava_next`)."""
+    from mllm.tiny import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
+
+
+@pytest.fixture(scope="session")
 def rec_data(tmp_path_factory: pytest.TempPathFactory):
     """Six REC samples in the JSONL layout the CLIs read (`grounding.fixtures`)."""
     from grounding.fixtures import write_jsonl_layout

@@ -17,17 +17,11 @@ import mllm
 from grounding.evaluate import main as grounding_main
 from misalign.ablate import main as misalign_main
 from mllm.selfcheck import transformers_generate_tokens
-from mllm.tiny import build_tiny_llava_next
 from mllm.visual_tokens import BASE, NEWLINE, TILE
 from pruning.attention import main as attention_main
 
 SIZES = [(28, 28), (64, 32), (32, 64), (90, 30)]  # (width, height)
 PROMPTS = ["Where is the red circle?", "hi", "What colour is the square?", "x"]
-
-
-@pytest.fixture(scope="module")
-def next_dir(tmp_path_factory):
-    return build_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
 
 
 @pytest.fixture(scope="module")

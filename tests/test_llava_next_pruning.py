@@ -14,7 +14,6 @@ from conftest import run_cli
 from PIL import Image
 
 import mllm
-from mllm.tiny import build_tiny_llava_next
 from pruning.apply import prune_generate, select_tokens
 from pruning.budget import Budget
 from pruning.crops import CropRule, place_newlines, split_budget
@@ -23,11 +22,6 @@ from pruning.methods.spatial import lattice
 from pruning.registry import make_method
 
 SIZES = [(64, 32), (32, 64), (90, 30), (50, 61)]  # (width, height): each another tile canvas
-
-
-@pytest.fixture(scope="module")
-def next_dir(tmp_path_factory):
-    return build_tiny_llava_next(tmp_path_factory.mktemp("llava-next"))
 
 
 @pytest.fixture(scope="module")
