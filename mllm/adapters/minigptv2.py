@@ -50,15 +50,6 @@ class MiniGPTv2Adapter(LlavaAdapter):
         rows, cols = self.tower_grid
         return rows, cols // self.patches_per_token  # a token is a 1 x 4 strip of one patch row
 
-    def vision_attention(self, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        attention = self.vision_layers[layer].self_attn
-        heads = self.vision_num_heads
-        batch, length, width = hidden_states.shape
-        shape = (batch, length, heads, width // heads)
-        queries, keys = (part.view(shape).transpose(1, 2) for part in self.vision_queries_keys(layer, hidden_states))
-        scores = queries.float() @ keys.float().transpose(-1, -2) * attention.scale
-        return scores.softmax(dim=-1)
-
     def vision_queries_keys(self, layer: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         encoder_layer = self.vision_layers[layer]
         qkv = encoder_layer.self_attn.qkv(encoder_layer.layer_norm1(hidden_states))  # bias: [q_bias, 0, v_bias]
