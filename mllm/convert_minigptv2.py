@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Blip2VisionConfig, LlamaConfig, LlavaProcessor
+from transformers import AutoTokenizer, Blip2VisionConfig, LlamaConfig
 
 from mllm.convert_common import ConversionError, Weights, check_state, read_config, require, write_checkpoint
-from mllm.minigptv2 import MINIGPTV2_CHAT_TEMPLATE, MiniGPTv2Config, MiniGPTv2ForConditionalGeneration
-from mllm.tiny import CLIPImageProcessor  # the PIL one: the toolkit never installs torchvision
+from mllm.minigptv2 import MiniGPTv2Config, MiniGPTv2ForConditionalGeneration
+from mllm.tiny import build_minigptv2_processor
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LORA = re.compile(r"llama_model\.base_model\.model\.model\.layers\.(\d+)\.self_attn\.([qv])_proj\."
                    r"lora_([AB])(?:\.default)?\.weight")
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -211,14 +209,7 @@ def convert_minigptv2(checkpoint: str | Path, eva: str | Path, llama: str | Path
                       "pad_token_id": tokenizer.eos_token_id}
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.pad_token = tokenizer.eos_token  # not <unk>: that is the image placeholder
-        side = shape.image_size
-        image_processor = CLIPImageProcessor(size={"height": side, "width": side}, do_center_crop=False,
-                                             resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-        # LlavaProcessor counts (side / patch)^2 placeholders: a patch of 2 x 14 px gives one per 1 x 4 strip
-        # of the 32 x 32 grid (256 at 448 px); the strips' own layout is the adapter's business.
-        LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                       patch_size=int(vision_config.patch_size * shape.tokens_per_group ** 0.5),
-                       vision_feature_select_strategy="default", image_token=tokenizer.unk_token,
-                       num_additional_image_tokens=1, chat_template=MINIGPTV2_CHAT_TEMPLATE).save_pretrained(directory)
+        build_minigptv2_processor(tokenizer, shape.image_size, vision_config.patch_size,
+                                  tokens_per_group=shape.tokens_per_group).save_pretrained(directory)
 
     return write_checkpoint(out, write)

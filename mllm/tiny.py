@@ -221,13 +221,22 @@ def build_tiny_minigptv2(directory: str | Path, sizes: TinyLlavaConfig | None = 
             layer.self_attn.qkv.bias[sizes.vision_hidden:2 * sizes.vision_hidden] = 0
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    side = sizes.image_size
+    processor = build_minigptv2_processor(tokenizer, sizes.image_size, sizes.patch_size, tokens_per_group=4)
+    return save_llava_checkpoint(model, processor, directory)
+
+
+def build_minigptv2_processor(tokenizer: PreTrainedTokenizerFast, side: int, patch_size: int, *,
+                              tokens_per_group: int) -> LlavaProcessor:
+    """MiniGPT-v2's processor (the converter's and the tiny one's): the image squashed to `side` bicubically with
+    CLIP's mean and std (Blip2ImageEvalProcessor), `<unk>` as the image placeholder, its chat template."""
     image_processor = CLIPImageProcessor(size={"height": side, "width": side}, do_center_crop=False, resample=3,
                                          image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=2 * sizes.patch_size,
-                               vision_feature_select_strategy="default", image_token=tokenizer.unk_token,
-                               num_additional_image_tokens=1, chat_template=MINIGPTV2_CHAT_TEMPLATE)
-    return save_llava_checkpoint(model, processor, directory)
+    # LlavaProcessor counts (side / patch)^2 placeholders: a patch of sqrt(group) x 14 px gives one per 1 x 4 strip
+    # of the tower's grid (256 at 448 px); the strips' own layout is the adapter's business.
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          patch_size=int(patch_size * tokens_per_group ** 0.5),
+                          vision_feature_select_strategy="default", image_token=tokenizer.unk_token,
+                          num_additional_image_tokens=1, chat_template=MINIGPTV2_CHAT_TEMPLATE)
 
 
 # LLaVA-NeXT's anyres tile grids at the tiny tower's size: LLaVA-NeXT's own (336, 672, 1008 px) scaled by side / 336.

@@ -14,8 +14,9 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlavaProc
 
 from mllm.convert import main
 from mllm.convert_common import ConversionError
-from mllm.convert_minigptv2 import CLIP_MEAN, CLIP_STD, EvaShape, convert_minigptv2
+from mllm.convert_minigptv2 import EvaShape, convert_minigptv2
 from mllm.minigptv2 import MiniGPTv2Config, MiniGPTv2ForConditionalGeneration
+from mllm.tiny import CLIP_MEAN, CLIP_STD
 
 pytest.importorskip("sentencepiece")
 
