@@ -41,16 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import mllm  # noqa: E402
 from grounding import default_style_for  # noqa: E402
-from mllm.adapters import adapter_class_for  # noqa: E402
 from mllm.cost import peak_memory, prefill_flops  # noqa: E402
-from mllm.loading import resolve_device, resolve_dtype  # noqa: E402
 from pruning import prune_generate  # noqa: E402
 
 ARCHS = ("llava-1.5-7b", "qwen2.5-vl-7b", "llava-tiny", "qwen2.5-vl-tiny")
@@ -102,21 +99,13 @@ def write_architecture(arch: str, directory: Path) -> Path:
 
 
 def random_model(directory: Path, device: str, dtype: str, attn: str) -> mllm.MLLM:
-    """The model `directory`'s config describes, with random weights, built on `device` (as `mllm.load` builds
-    a checkpoint, without reading weights)."""
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    adapter_class = adapter_class_for(config, source=str(directory / "config.json"))
-    processor = adapter_class.load_processor(directory, None, None)
-    processor.tokenizer.padding_side = "left"
+    """The model `directory`'s config describes, with random weights (seed 0), built on `device`."""
     torch.manual_seed(0)
-    target = resolve_device(device)
-    with torch.device(target):
-        model = adapter_class.model_class._from_config(config, dtype=resolve_dtype(dtype, target),
-                                                        attn_implementation=attn)
-    model.eval()
-    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return mllm.MLLM(model=model, processor=processor, adapter=adapter_class(model), path=directory)
+    model = mllm.load(directory, dtype=dtype, device=device, attn_implementation=attn, random_weights=True)
+    tokenizer = model.processor.tokenizer  # the directory has no generation_config.json
+    model.model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def request_images(model: mllm.MLLM, count: int, side: int) -> list[Image.Image]:

@@ -120,11 +120,14 @@ def load(
     *,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    random_weights: bool = False,
 ) -> MLLM:
     """Load a checkpoint offline. Raises `CheckpointNotFoundError` or `UnsupportedModelError`.
 
     `min_pixels` / `max_pixels` bound the resized image of a native-resolution model (Qwen2-VL): each
     image is resized to between that many pixels, as the checkpoint's processor does with its defaults.
+    `random_weights` builds the model its config describes on the device, randomly initialised, without
+    reading weights (what a timing needs: `benchmarks/pruned_inference.py` at 7B size).
     """
     directory = _checkpoint_directory(path_or_name)
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -133,12 +136,17 @@ def load(
     processor = adapter_class.load_processor(directory, min_pixels, max_pixels)  # before the slow weights
     processor.tokenizer.padding_side = "left"  # batched generation pads on the left
     target = resolve_device(device)
-    model = adapter_class.model_class.from_pretrained(
-        directory,
-        config=config,
-        dtype=resolve_dtype(dtype, target),
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-    )
+    if random_weights:
+        with torch.device(target):
+            model = adapter_class.model_class._from_config(config, dtype=resolve_dtype(dtype, target),
+                                                            attn_implementation=attn_implementation)
+    else:
+        model = adapter_class.model_class.from_pretrained(
+            directory,
+            config=config,
+            dtype=resolve_dtype(dtype, target),
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+        )
     model = model.to(target).eval()
     return MLLM(model=model, processor=processor, adapter=adapter_class(model), path=directory)

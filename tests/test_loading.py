@@ -78,3 +78,18 @@ def test_tiny_llm_starts_at_an_init_scaled_to_its_width():
     for weight in (layer.self_attn.q_proj.weight, layer.mlp.up_proj.weight, model.lm_head.weight,
                    model.model.multi_modal_projector.linear_1.weight):
         assert weight.std().item() == pytest.approx(expected, rel=0.1)
+
+
+def test_random_weights_build_the_same_architecture_without_reading_the_weights(tiny_checkpoint, tiny_model,
+                                                                                tmp_path):
+    directory = shutil.copytree(tiny_checkpoint, tmp_path / "no-weights")
+    for weights in directory.glob("*.safetensors"):
+        weights.unlink()  # nothing to read: the model comes from config.json alone
+    random = mllm.load(directory, device="cpu", dtype="float32", random_weights=True)
+    trained = tiny_model.model.state_dict()
+    built = random.model.state_dict()
+    assert {key: value.shape for key, value in built.items()} == {key: value.shape for key, value in trained.items()}
+    assert any(not bool((built[key] == trained[key]).all()) for key in trained)
+    assert type(random.adapter) is type(tiny_model.adapter)
+    with pytest.raises(OSError, match="no-weights"):  # without random_weights, the missing file is named
+        mllm.load(directory, device="cpu", dtype="float32")
