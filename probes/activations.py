@@ -109,18 +109,15 @@ def patch_grids(mllm: MLLM, batch: dict[str, torch.Tensor]) -> list[tuple[int, i
     return [tuple(mllm.adapter.tower_grid)] * len(batch["pixel_values"])
 
 
-def visual_token_grids(mllm: MLLM, batch: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
-    """Each image's (rows, cols) of visual tokens, as the LLM receives them; refused where they are no one grid."""
-    grids = mllm.adapter.encode_images(batch).grids
-    if any(grid is None for grid in grids):
+@torch.no_grad()
+def visual_tokens(mllm: MLLM, batch: dict[str, torch.Tensor]) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Each image's (rows, cols) of visual tokens and (images, tokens, D) the tokens, as the LLM receives them, from
+    one pass of the tower; refused where they are no one grid."""
+    vision = mllm.adapter.encode_images(batch)
+    if any(grid is None for grid in vision.grids):
         raise GridMismatchError(f"{mllm.path}: its visual tokens are no one grid (a base crop and tiles with "
                                 "newlines); probe the tower's patches instead")
-    return [tuple(grid) for grid in grids]
-
-
-@torch.no_grad()
-def _visual_token_features(mllm: MLLM, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {VISUAL_TOKENS: torch.stack(list(mllm.adapter.encode_images(batch).features))}
+    return [tuple(grid) for grid in vision.grids], torch.stack(list(vision.features))
 
 
 def tower_inputs(mllm: MLLM, images: Sequence[object], frame: str) -> dict[str, torch.Tensor]:
@@ -194,7 +191,7 @@ def extract_activations(
     hooks = VisionHooks(mllm) if features == "tower" else None
     if features == "visual-tokens":
         layers, embeddings = [], [VISUAL_TOKENS]
-        grid = visual_token_grids(mllm, encode_vision_inputs(mllm, [images.load(0)], frame=frame)[0])[0]
+        grid = visual_tokens(mllm, encode_vision_inputs(mllm, [images.load(0)], frame=frame)[0])[0][0]
     else:
         layers = list(range(hooks.num_layers)) if layers is None else sorted({int(layer) for layer in layers})
         for layer in layers:
@@ -228,8 +225,7 @@ def extract_activations(
         stop = min(start + batch_size, len(images))
         shown = [images.load(index) for index in range(start, stop)]
         if features == "visual-tokens":
-            inputs = encode_vision_inputs(mllm, shown, frame=frame)[0]
-            grids = visual_token_grids(mllm, inputs)
+            grids, tokens = visual_tokens(mllm, encode_vision_inputs(mllm, shown, frame=frame)[0])
         else:
             inputs = tower_inputs(mllm, shown, frame)
             grids = patch_grids(mllm, inputs)
@@ -238,7 +234,7 @@ def extract_activations(
                 raise GridMismatchError(f"image {images.ids[start + offset]!r}: its patch grid is {image_grid}, the "
                                         f"store's {tuple(grid)} (the first image's); a store holds one grid, so give "
                                         "images of one size")
-        batch = (_visual_token_features(mllm, inputs) if features == "visual-tokens" else
+        batch = ({VISUAL_TOKENS: tokens} if features == "visual-tokens" else
                  _patch_features(mllm, hooks, inputs, layers, spec.embeddings))
         for name, tensor in batch.items():
             if name not in arrays:  # the first batch sizes the files: (images, patches, the tower's width)
