@@ -187,23 +187,22 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
         mllm_policy(policy)  # an unknown policy fails before anything is written
     # A method that cannot read this model (trim's CLIP width) fails here, before anything is written.
     encode_options = [method.encode_options(model) for method in methods]
-    crop_config = {}
-    grouped = model.adapter.patches_per_token
+    adapter, model_type = model.adapter, model.model.config.model_type
     for method, options in zip(methods, encode_options):
-        if options.get("vision_hidden_states") and grouped > 1:  # CLS attention sums per token; states do not
-            raise ValueError(f"{method_spec(method)!r} reads the vision tower's hidden states, one per patch, and "
-                             f"{model.model.config.model_type} feeds {grouped} patches per visual token: merging "
-                             "tokens by their patches' states is not implemented yet")
-    if not model.adapter.tokens_on_one_grid:
-        for method, options in zip(methods, encode_options):
-            if isinstance(method, LayerPruningMethod) or options.get("vision_hidden_states"):
-                raise ValueError(f"{method_spec(method)!r} on {model.model.config.model_type}: {NOT_ON_CROPS}")
-        crops = crops or CropRule()
-        crop_config = crops.config()
-    for method in methods:
-        if isinstance(method, LayerPruningMethod) and "compact" in positions:
+        in_llm, merges_states = isinstance(method, LayerPruningMethod), bool(options.get("vision_hidden_states"))
+        if in_llm and "compact" in positions:
             raise ValueError(f"{method_spec(method)!r} prunes inside the LLM, where 'compact' positions are not "
                              "defined (its tokens already carry their IDs): run it with reassign and keep")
+        if merges_states and adapter.patches_per_token > 1:  # CLS attention sums per token; states do not
+            raise ValueError(f"{method_spec(method)!r} reads the vision tower's hidden states, one per patch, and "
+                             f"{model_type} feeds {adapter.patches_per_token} patches per visual token: merging "
+                             "tokens by their patches' states is not implemented yet")
+        if not adapter.tokens_on_one_grid and (in_llm or merges_states):
+            raise ValueError(f"{method_spec(method)!r} on {model_type}: {NOT_ON_CROPS}")
+    crop_config = {}
+    if not adapter.tokens_on_one_grid:
+        crops = crops or CropRule()
+        crop_config = crops.config()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     style = style or default_style_for(model.model.config.model_type)
