@@ -184,3 +184,10 @@ def test_cls_visual_scores_each_token_by_its_own_crops_cls_attention(next_dir):
         scores = torch.tensor([cell_scores[index] for index in cells])
         tile_order = [cells[i] for i in torch.sort(scores, descending=True, stable=True).indices[:tile_share]]
         assert kept.tolist() == base_order + tile_order
+
+
+def test_an_unknown_crop_rule_is_refused_by_name():
+    with pytest.raises(ValueError, match="newline rule 'sideways'"):
+        CropRule("sideways")
+    with pytest.raises(ValueError, match="budget scope 'half'"):
+        CropRule("row", "half")

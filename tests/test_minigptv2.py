@@ -160,3 +160,14 @@ def test_every_analysis_cli_runs_on_minigptv2(minigpt_dir, rec_data, tmp_path, c
                         "--test-fraction", "0.5"]) == 0
     assert json.loads((tmp_path / "probe-tokens" / "layerwise.json").read_text())["grid"] == [8, 2]
     assert set(pd.read_csv(tmp_path / "probe-tokens" / "layerwise.csv").series) == {"visual tokens", "chance"}
+
+
+def test_a_checkpoint_grouping_other_than_four_patches_is_refused_by_field(minigpt_dir, tmp_path):
+    import shutil
+
+    directory = shutil.copytree(minigpt_dir, tmp_path / "grouped")
+    config = json.loads((directory / "config.json").read_text())
+    config["tokens_per_group"] = 2
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mllm.UnsupportedModelError, match=r"config\.json: field 'tokens_per_group' is 2"):
+        mllm.load(directory, device="cpu", dtype="float32")
