@@ -1,4 +1,5 @@
-"""The shipped miniatures: stock llava-hf checkpoints that load through `mllm` and really ground.
+"""The shipped miniatures: stock Hugging Face checkpoints (llava-hf's layout, Qwen2-VL's) that load through `mllm`
+and really ground.
 
 The full measurement (every sample of the shipped split) is in each checkpoint's card; here a subset
 checks that the weights on disk are the ones that were measured, through the same path a user takes.
@@ -7,6 +8,7 @@ checks that the weights on disk are the ones that were measured, through the sam
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,23 +18,34 @@ from grounding.prompts import default_style_for
 from grounding.runner import run_evaluation
 from minillava.model import trained_with_current_init
 
-TOWERS = ("spatial", "contrastive")
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "minillava"
+MINIATURES = sorted(path.name for path in SHIPPED.iterdir() if (path / "config.json").is_file())
 SUBSET = 96
+# model_type -> (architectures, text model_type, vision model_type, the processor's file), as each maker ships them
+LAYOUTS = {
+    "llava": (["LlavaForConditionalGeneration"], "llama", "clip_vision_model", "processor_config.json"),
+    "qwen2_vl": (["Qwen2VLForConditionalGeneration"], "qwen2_vl_text", "qwen2_vl_vision", "preprocessor_config.json"),
+}
 
 
-@pytest.fixture(scope="module", params=TOWERS)
-def shipped(request, repo_root):
-    return repo_root / "data" / "minillava" / request.param
+def test_the_shipped_miniatures_are_all_found():
+    assert {"spatial", "contrastive"} <= set(MINIATURES)
 
 
-def test_checkpoint_is_in_the_llava_hf_layout(shipped):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "processor_config.json", "chat_template.jinja", "README.md", "evaluation.json", "training.json"):
-        assert (shipped / name).is_file(), name
+@pytest.fixture(scope="module", params=MINIATURES)
+def shipped(request):
+    return SHIPPED / request.param
+
+
+def test_checkpoint_is_in_its_makers_layout(shipped):
     config = json.loads((shipped / "config.json").read_text())
-    assert config["architectures"] == ["LlavaForConditionalGeneration"]
-    assert config["text_config"]["model_type"] == "llama"
-    assert config["vision_config"]["model_type"] == "clip_vision_model"
+    architectures, text_type, vision_type, processor_file = LAYOUTS[config["model_type"]]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", processor_file,
+                 "chat_template.jinja", "README.md", "evaluation.json", "training.json"):
+        assert (shipped / name).is_file(), name
+    assert config["architectures"] == architectures
+    assert config["text_config"]["model_type"] == text_type
+    assert config["vision_config"]["model_type"] == vision_type
     size = sum(path.stat().st_size for path in shipped.rglob("*") if path.is_file())
     assert size < 40 * 2**20
 
@@ -57,9 +70,9 @@ def test_shipped_miniature_was_trained_with_the_current_init(shipped):
 
 
 @pytest.mark.parametrize("task", ["rec", "vqa"])
-def test_miniature_grounds_on_a_subset_of_the_shipped_split(shipped, repo_root, task, tmp_path):
+def test_miniature_grounds_on_a_subset_of_the_shipped_split(shipped, task, tmp_path):
     model = mllm.load(shipped, device="cpu", dtype="float32")
-    dataset = load_dataset("jsonl", repo_root / "data" / "minillava" / "eval" / task, "val")
+    dataset = load_dataset("jsonl", SHIPPED / "eval" / task, "val")
     summary = run_evaluation(model, dataset, tmp_path / task, default_style_for(model.model.config.model_type),
                              batch_size=32, limit=SUBSET, progress=False, resamples=10)
     measured = json.loads((shipped / "evaluation.json").read_text())[task]["summary"]["metrics"]
