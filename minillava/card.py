@@ -101,6 +101,12 @@ def stage2_schedule(config: dict) -> str:
     return (f"VQA alone for the first {vqa_only} steps, then {mix}" if vqa_only else mix)
 
 
+def _floor(config: dict) -> str:
+    floor = config.get("stage2_floor_steps", 0)
+    return (f" in a cosine to a tenth of it, then {floor} more steps at that floor ({config['stage2_lr'] / 10:g})"
+            if floor else "")
+
+
 def _training_only(config: dict) -> str:
     extra = [text for key, text in (("where_fraction", 'training-only "where is ...?" questions'),
                                     ("region_fraction", "region descriptions (a box in, its object's colour and "
@@ -212,7 +218,7 @@ def model_card(checkpoint: Path, eval_data: Path, evaluation: dict) -> str:
         "captions" + _training_only(config)
         + "; loss on answers only (a token mean within each task, the tasks weighted by their share of the batch); "
         f"{config['stage2_steps']} steps x {config['stage2_batch']} queries, {stage2_schedule(config)}, from "
-        f"{config['train_scenes']} scenes, lr {config['stage2_lr']}; "
+        f"{config['train_scenes']} scenes, lr {config['stage2_lr']}{_floor(config)}; "
         f"{seconds.get('stage2', 0) / 60:.1f} min." + scenes,
         f"- Device: {training['device']}; precision {config['precision']}; seed {config['seed']}; preset "
         f"`{config['preset']}` ({PRESET_MEANING.get(config['preset'], 'custom')}); torch {training['torch']}.",

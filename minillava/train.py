@@ -83,6 +83,7 @@ class TrainConfig:
     stage2_steps: int = 10000
     stage2_batch: int = 32
     stage2_lr: float = 5e-4
+    stage2_floor_steps: int = 0  # steps after `stage2_steps` held at the cosine's floor, a tenth of the peak
     stage2_tower: str = "frozen"  # or "trained": stage 2 trains the ViT blocks too (see `train_llm`)
     train_scenes: int = 20000
     rec_fraction: float = 0.6
@@ -147,9 +148,15 @@ STAGE1_FIELDS = ("tower", "arch", "preset", "seed", "precision", "stage1_steps",
 
 
 def stage_config(config: TrainConfig, stage: str) -> dict:
-    """What a stage's state depends on: stage 1 ignores stage 2's settings, so a new stage 2 reuses its tower."""
+    """What a stage's state depends on: stage 1 ignores stage 2's settings, so a new stage 2 reuses its tower.
+
+    No step depends on how long the floor lasts (the batches follow the step, the rate stays flat), so a
+    state from a shorter floor continues under a longer one.
+    """
     everything = asdict(config)
-    return {key: everything[key] for key in STAGE1_FIELDS} if stage == "stage1" else everything
+    if stage == "stage1":
+        return {key: everything[key] for key in STAGE1_FIELDS}
+    return {key: value for key, value in everything.items() if key != "stage2_floor_steps"}
 
 
 def _load_state(path: Path, config: TrainConfig) -> dict | None:
@@ -478,13 +485,17 @@ def train_llm(config: TrainConfig, clip: nn.Module, processor: object, work: Pat
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.stage2_lr, weight_decay=0.0)
     start, seconds = _resume(work / "stage2.pt", config, model, optimizer)  # refuses a mismatch before the slow part
+    total = config.stage2_steps + config.stage2_floor_steps
+    if start > total:
+        raise SystemExit(f"{work / 'stage2.pt'}: saved after step {start}, past this run's {total} steps "
+                         "(--stage2-steps + --stage2-floor-steps); use a new --work directory")
     log.resume("stage2", start)
     data = build_instructions(config, processor)
     # A frozen tower's features are computed once; a trained one is run on each batch's scenes.
     source = (scene_pixels(config, processor) if tower_trained else tower_features(model, config, processor, device))
     model.model.language_model.train()
     began = time.perf_counter() - seconds
-    for step in tqdm(range(start, config.stage2_steps), initial=start, total=config.stage2_steps,
+    for step in tqdm(range(start, total), initial=start, total=total,
                      desc="stage 2 (projector + LLM)", disable=not progress):
         counts = batch_counts(config, step)
         tasks = np.repeat(TASKS, [counts[task] for task in TASKS])  # every batch holds its tasks in this order
@@ -499,7 +510,7 @@ def train_llm(config: TrainConfig, clip: nn.Module, processor: object, work: Pat
             loss = instruction_loss(model, scene_features, ids, labels, mask, tasks=tasks)
         _update(loss, optimizer, trainable, lr)
         log.write("stage2", step, loss.item(), lr, time.perf_counter() - began)
-        _save_if_due(work / "stage2.pt", config, step + 1, config.stage2_steps, model=model,
+        _save_if_due(work / "stage2.pt", config, step + 1, total, model=model,
                      optimizer=optimizer, began=began)
     return model.eval()
 

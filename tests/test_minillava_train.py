@@ -173,6 +173,27 @@ def test_a_state_saved_before_a_setting_existed_resumes_at_its_default(trained, 
     assert losses(tmp_path / "work") == losses(work)  # resumed at the end: nothing retrained
 
 
+def test_a_longer_floor_continues_a_finished_run_as_a_fresh_run_makes_it(trained, tmp_path):
+    _, work = trained
+    shutil.copytree(work, tmp_path / "continued")
+    training.train(tiny_config(stage2_floor_steps=20), tmp_path / "model", tmp_path / "continued", progress=False)
+    (tmp_path / "fresh").mkdir()
+    for name in ("stage1.pt", "log.csv"):  # the same tower: only stage 2 is run again, from its first step
+        (tmp_path / "fresh" / name).write_bytes((work / name).read_bytes())
+    (tmp_path / "fresh" / "log.csv").write_text("".join(
+        line for line in (work / "log.csv").open() if not line.startswith("stage2")))
+    training.train(tiny_config(stage2_floor_steps=20), tmp_path / "again", tmp_path / "fresh", progress=False)
+    continued = losses(tmp_path / "continued")
+    assert continued == losses(tmp_path / "fresh")
+    assert continued[:len(losses(work))] == losses(work)
+    floor = [float(row["lr"]) for row in csv.DictReader((tmp_path / "fresh" / "log.csv").open())
+             if row["stage"] == "stage2" and int(row["step"]) >= 100]
+    assert floor == pytest.approx([TrainConfig().stage2_lr / 10] * 20)
+    # a state past the end of a shorter run is refused, not saved as if that run had made it
+    with pytest.raises(SystemExit, match="past this run's 100 steps"):
+        training.train(tiny_config(), tmp_path / "model", tmp_path / "continued", progress=False)
+
+
 def test_a_new_stage_2_reuses_the_trained_tower(trained, tmp_path):
     _, work = trained
     (tmp_path / "work").mkdir()
@@ -251,7 +272,7 @@ def test_the_cards_reproduce_line_rebuilds_the_configuration():
 
     from minillava.card import train_flags
 
-    config = tiny_config(tower="spatial", stage2_lr=3e-3)
+    config = tiny_config(tower="spatial", stage2_lr=3e-3, stage2_floor_steps=40)
     args = training.parse_args([*train_flags(asdict(config)).split(), "--out", "x"])
     rebuilt = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
     assert rebuilt == config
