@@ -18,6 +18,7 @@ results: setup
 	$(PY) -m grounding.demo --out results/grounding-demo
 	$(PY) -m minillava.card data/minillava/spatial --eval-data data/minillava/eval
 	$(PY) -m minillava.card data/minillava/contrastive --eval-data data/minillava/eval
+	$(PY) -m minillava.card data/minillava/qwen2-vl --eval-data data/minillava/eval
 	$(PY) scripts/execute_notebooks.py
 
 test: setup
