@@ -17,7 +17,7 @@ from grounding.errors import (
 )
 from grounding.metrics import THRESHOLDS, bootstrap_intervals, exact_match, normalize_answer
 from grounding.prompts import PromptStyle, default_style_for, prompt_style, register_prompt_style
-from grounding.runner import Shard, evaluate_batch, run_config, run_evaluation
+from grounding.runner import Shard, evaluate_batch, model_identity, run_config, run_evaluation
 from grounding.summary import summarize
 
 __all__ = [
@@ -25,6 +25,6 @@ __all__ = [
     "ParsedBox", "PromptStyle", "PromptStyleError", "RunConfigError", "Sample", "Shard", "SplitNotFoundError",
     "UnsafePickleError",
     "answer_to_pixels", "bootstrap_intervals", "center_inside", "default_style_for", "evaluate_batch",
-    "exact_match", "iou", "load_dataset", "normalize_answer", "parse_box", "prompt_style",
+    "exact_match", "iou", "load_dataset", "model_identity", "normalize_answer", "parse_box", "prompt_style",
     "register_prompt_style", "run_config", "run_evaluation", "summarize",
 ]

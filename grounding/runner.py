@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
@@ -46,6 +47,8 @@ from mllm.positions import PositionPolicy, position_ids
 Predict = Callable[..., mllm.Generation]
 # Config fields that may change when a run is resumed: they do not change what a sample's record is.
 RESUMABLE_CHANGES = ("limit", "batch_size", "device", "shard")
+# Fields a run directory written before the toolkit recorded them lacks: resumed with a warning, not refused.
+UNRECORDED_BEFORE = ("weights",)
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,12 @@ def check_or_write_config(out: Path, config: dict, *, resumable: Sequence[str] =
         write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return
     written, current = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(config)))
+    unrecorded = sorted(key for key in current if key in UNRECORDED_BEFORE and key not in written)
+    if unrecorded:
+        warnings.warn(f"{path}: written before runs recorded {', '.join(unrecorded)}; resuming it as this "
+                      f"checkpoint's run (delete {out} if another checkpoint wrote it)", stacklevel=2)
     changed = sorted(key for key in set(written) | set(current)
-                     if key not in resumable and written.get(key) != current.get(key))
+                     if key not in resumable and key not in unrecorded and written.get(key) != current.get(key))
     if changed:
         details = "; ".join(f"{key}: {written.get(key)!r} there, {current.get(key)!r} now" for key in changed)
         raise RunConfigError(f"{path}: this directory holds a run with another configuration ({details}). "
@@ -345,9 +352,15 @@ def run_evaluation(model: mllm.MLLM, dataset: Dataset, out: str | Path, style: P
                      progress=progress, label=f"{dataset.name} {dataset.split}")[0]
 
 
+def model_identity(model: mllm.MLLM) -> dict:
+    """The checkpoint a run directory belongs to: its path and its weights' fingerprint (a retrained
+    checkpoint saved to the same path is another model)."""
+    return {"model": str(model.path), "weights": model.weights}
+
+
 def run_config(model: mllm.MLLM, dataset: Dataset, style: PromptStyle, **extra: Any) -> dict:
     config = {
-        "model": str(model.path), "model_type": model.model.config.model_type, "dtype": str(model.dtype).split(".")[-1],
+        **model_identity(model), "model_type": model.model.config.model_type, "dtype": str(model.dtype).split(".")[-1],
         "dataset": dataset.name, "split": dataset.split, "data": str(dataset.source), "task": dataset.task,
         "n_dataset": len(dataset), "prompt_style": asdict(style), **extra,
     }

@@ -41,7 +41,17 @@ import torch
 import mllm
 from grounding import Dataset, PromptStyle, default_style_for
 from grounding.records import write_atomic
-from grounding.runner import Predict, Run, Shard, SweepPart, check_or_write_config, feed_key, run_config, run_sweep
+from grounding.runner import (
+    Predict,
+    Run,
+    Shard,
+    SweepPart,
+    check_or_write_config,
+    feed_key,
+    model_identity,
+    run_config,
+    run_sweep,
+)
 from grounding.tasks import (
     add_run_arguments,
     add_task_arguments,
@@ -153,7 +163,7 @@ def ablation_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], ablations:
     for ablation in ablations:
         ablation.out.mkdir(parents=True, exist_ok=True)
         # Tasks and strengths may grow between calls; what the curves are *of* may not.
-        check_or_write_config(ablation.out, {"model": str(model.path),
+        check_or_write_config(ablation.out, {**model_identity(model),
                                              "corruption": corruption_spec(ablation.misalignment), "seed": seed})
     parts = []
     for task, dataset in datasets.items():

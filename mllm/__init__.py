@@ -33,7 +33,7 @@ from mllm.generation import (
 )
 from mllm.images import ImageFrame, load_image
 from mllm.layer_pruning import LayerContext, LayerPruning, LayerSelection
-from mllm.loading import MLLM, load
+from mllm.loading import MLLM, load, weights_fingerprint
 from mllm.positions import PositionPolicy, VisualLayout, next_position_id, position_ids, sequence_position_ids
 from mllm.prompts import build_prompt
 from mllm.visual_tokens import VisualTokens
@@ -45,5 +45,5 @@ __all__ = [
     "answer_attention",
     "build_prompt", "build_prompt_batch", "encode", "encode_pixels", "generate", "load", "load_image",
     "merge_generations", "next_position_id", "position_ids", "register_adapter", "sequence_position_ids",
-    "supported_model_types",
+    "supported_model_types", "weights_fingerprint",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,29 @@ def _checkpoint_directory(path_or_name: str | os.PathLike) -> Path:
         ) from error
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WINDOW_BYTES = 1 << 20
+
+
+def weights_fingerprint(directory: str | os.PathLike) -> str:
+    """16 hex digits that change when a checkpoint directory's weights do, read in well under a second.
+
+    Each weight file's name, size and three 1 MiB windows (start, middle, end) are hashed, not the whole
+    file: a retrained or re-saved checkpoint differs in all of them, and a 7B checkpoint reads in milliseconds.
+    A run directory records it, so results of one checkpoint are never resumed under another at the same path.
+    """
+    digest = hashlib.sha256()
+    files = sorted(path for path in Path(directory).rglob("*") if path.is_file() and path.suffix in WEIGHT_SUFFIXES)
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            for start in sorted({0, max(0, size // 2 - WINDOW_BYTES // 2), max(0, size - WINDOW_BYTES)}):
+                handle.seek(start)
+                digest.update(handle.read(WINDOW_BYTES))
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class MLLM:
     """A loaded multimodal LLM: the transformers model (never modified), its processor and adapter."""
@@ -69,6 +93,7 @@ class MLLM:
     processor: ProcessorMixin
     adapter: ModelAdapter
     path: Path
+    weights: str = ""  # `weights_fingerprint(path)`, or "random" for a model built with random weights
 
     @property
     def device(self) -> torch.device:
@@ -149,4 +174,5 @@ def load(
             local_files_only=True,
         )
     model = model.to(target).eval()
-    return MLLM(model=model, processor=processor, adapter=adapter_class(model), path=directory)
+    weights = "random" if random_weights else weights_fingerprint(directory)
+    return MLLM(model=model, processor=processor, adapter=adapter_class(model), path=directory, weights=weights)

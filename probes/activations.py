@@ -19,6 +19,7 @@ the top) or shards of one world size; extraction with another is refused, naming
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -83,6 +84,7 @@ class StoreSpec:
     frame: str
     dtype: str
     image_ids: list[str]
+    weights: str = ""  # `mllm.weights_fingerprint` of the checkpoint; "" in a store written before it was recorded
 
 
 class StoreMismatchError(ValueError):
@@ -199,13 +201,18 @@ def extract_activations(
         embeddings = embedding_controls(mllm)
         grid = patch_grids(mllm, tower_inputs(mllm, [images.load(0)], frame))[0]  # the tower's, not the LLM's
     spec = StoreSpec(model=str(mllm.path), layers=layers, embeddings=embeddings, grid=list(grid),
-                     frame=frame, dtype=dtype, image_ids=list(images.ids))
+                     frame=frame, dtype=dtype, image_ids=list(images.ids), weights=mllm.weights)
     done, hook_check = 0, {}
     if (directory / "store.json").is_file():
         existing = ActivationStore(directory)
+        if not existing.spec.weights and spec.weights:
+            warnings.warn(f"{directory / 'store.json'}: written before stores recorded the weights' fingerprint; "
+                          f"resuming it as this checkpoint's (delete {directory} if another checkpoint wrote it)",
+                          stacklevel=2)
+            existing.spec = replace(existing.spec, weights=spec.weights)
         if existing.spec != spec:
-            raise StoreMismatchError(f"{directory / 'store.json'}: written for another model, image list, layer set, "
-                                     "frame or dtype; use a new directory")
+            raise StoreMismatchError(f"{directory / 'store.json'}: written for another model or its weights, image "
+                                     "list, layer set, frame or dtype; use a new directory")
         done, hook_check = existing.done, existing.hook_check
     if done == len(images):
         return ActivationStore(directory)

@@ -47,6 +47,7 @@ from grounding.runner import (
     SweepPart,
     check_or_write_config,
     feed_key,
+    model_identity,
     run_config,
     run_sweep,
 )
@@ -206,7 +207,7 @@ def pruning_sweep(model: mllm.MLLM, datasets: Mapping[str, Dataset], methods: Se
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     style = style or default_style_for(model.model.config.model_type)
-    check_or_write_config(out, {"model": str(model.path)})
+    check_or_write_config(out, model_identity(model))
     selections = BatchSelections()
     parts = []
     for task, dataset in datasets.items():
