@@ -70,3 +70,11 @@ def test_a_malformed_grid_is_refused_by_name(qwen_7b_heads, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(qwen_7b_heads), "--grid", "8by8"])
     assert "--grid '8by8'" in capsys.readouterr().err
+
+
+def test_position_ids_of_another_number_of_axes_are_refused_naming_the_checkpoint():
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(path="/ckpt/four-axis-rope", adapter=SimpleNamespace(position_axes=4))
+    with pytest.raises(ValueError, match=r"/ckpt/four-axis-rope: position IDs with 4 axes"):
+        rotary_reach(model, 2, 2)
