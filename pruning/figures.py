@@ -12,7 +12,8 @@ from grounding.tasks import HEADLINE
 
 POLICY_STYLES = {"keep": {"color": "tab:green", "marker": "o", "label": "keep (GAP)"},
                  "reassign": {"color": "tab:red", "marker": "s", "label": "reassign (emit order)"},
-                 "reassign-raster": {"color": "tab:orange", "marker": "^", "label": "reassign (raster order)"}}
+                 "reassign-raster": {"color": "tab:orange", "marker": "^", "label": "reassign (raster order)"},
+                 "compact": {"color": "tab:blue", "marker": "v", "label": "compact (first n slots' IDs)"}}
 
 
 def _pyplot(path: str | Path | None) -> object:
@@ -24,6 +25,16 @@ def _pyplot(path: str | Path | None) -> object:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _legend(figure: object, ax: object, fontsize: float) -> None:
+    """One legend on `ax` for every line of the figure: a policy run for one method only (`reassign-raster`
+    for the score-order emitters) is drawn in that method's panel, not necessarily the first."""
+    entries: dict[str, object] = {}
+    for panel in figure.axes:
+        for handle, label in zip(*panel.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    ax.legend(list(entries.values()), list(entries), fontsize=fontsize)
 
 
 def _finish(figure: object, path: str | Path | None, title: str | None) -> object:
@@ -84,7 +95,7 @@ def plot_pruning(table: str | Path | pd.DataFrame, path: str | Path | None = Non
                 ax.get_legend().remove()
         axes[row][0].set_ylabel(f"{task.upper()} {HEADLINE[task]}")
     axes[0][0].set_ylim(-0.02, 1.02)
-    axes[0][0].legend(fontsize=7)
+    _legend(figure, axes[0][0], 7)
     return _finish(figure, path, title)
 
 
@@ -137,7 +148,7 @@ def plot_coverage(table: pd.DataFrame, path: str | Path | None = None, *, full: 
         ax.set_xlabel("referent's patches kept")
     axes[0][0].set_ylabel("REC accuracy (IoU >= threshold)")
     axes[0][0].set_ylim(-0.02, 1.02)
-    axes[0][0].legend(fontsize=6)
+    _legend(figure, axes[0][0], 6)
     return _finish(figure, path, title)
 
 
@@ -179,7 +190,7 @@ def plot_attention(table: pd.DataFrame, gains: pd.DataFrame, path: str | Path | 
                           [f"{r.positions}\n{r.group} n={r.n}" for r in rows.itertuples()], fontsize=6)
     axes[0][0].set_ylabel("referent's share of\nvisual attention")
     axes[1][0].set_ylabel("layer mean: run (filled),\nunpruned (hollow)")
-    axes[0][0].legend(fontsize=6)
+    _legend(figure, axes[0][0], 6)
     return _finish(figure, path, title)
 
 
@@ -211,5 +222,5 @@ def plot_recovery(tables: dict[str, pd.DataFrame], path: str | Path | None = Non
         ax.set_title(method, fontsize=9)
         ax.set_xlabel("fraction of visual tokens pruned")
     axes[0][0].set_ylabel("share of the REC loss\nGAP gives back")
-    axes[0][0].legend(fontsize=6)
+    _legend(figure, axes[0][0], 6)
     return _finish(figure, path, title)
